@@ -1,0 +1,198 @@
+//! The embedded ledger: an append-only table in the local SQLite file. One writer task
+//! group-commits every append that is waiting into a single fsync'ed transaction, so durability
+//! costs one fsync per batch, not per request.
+
+use std::path::Path;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::event::Envelope;
+use crate::log::{EventLog, LedgerError, Recorded};
+
+/// How many appends may wait for the writer before callers feel backpressure.
+const QUEUE_DEPTH: usize = 4096;
+/// The most appends folded into one transaction.
+const MAX_BATCH: usize = 1024;
+
+const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS ledger (
+    seq        INTEGER PRIMARY KEY,
+    event_id   TEXT    NOT NULL UNIQUE,
+    event_type TEXT    NOT NULL,
+    key_id     TEXT    NOT NULL,
+    envelope   TEXT    NOT NULL
+)";
+
+struct AppendJob {
+    rows: Vec<(String, &'static str, String, String)>,
+    done: oneshot::Sender<Result<Vec<u64>, LedgerError>>,
+}
+
+/// The SQLite-backed `EventLog`.
+pub struct SqliteLedger {
+    /// Readers; never blocked by the writer (WAL).
+    reader: SqlitePool,
+    /// Feeds the group-commit writer task.
+    jobs: mpsc::Sender<AppendJob>,
+    /// Next offset to be written, published after each commit.
+    head: watch::Receiver<u64>,
+}
+
+/// Connection options shared by everything that opens the embedded database file.
+pub fn sqlite_options(path: &Path) -> SqliteConnectOptions {
+    SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full)
+        .busy_timeout(Duration::from_secs(10))
+        .foreign_keys(true)
+}
+
+impl SqliteLedger {
+    /// Opens (creating if needed) the ledger in the SQLite file at `path`.
+    pub async fn open(path: &Path) -> Result<Self, LedgerError> {
+        Self::open_with(sqlite_options(path)).await
+    }
+
+    async fn open_with(opts: SqliteConnectOptions) -> Result<Self, LedgerError> {
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(opts.clone())
+            .await?;
+        sqlx::query(CREATE_TABLE).execute(&writer).await?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(4)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(opts)
+            .await?;
+        let next: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM ledger")
+            .fetch_one(&writer)
+            .await?;
+        let (head_tx, head) = watch::channel(u64::try_from(next).unwrap_or(0));
+        let (jobs, rx) = mpsc::channel(QUEUE_DEPTH);
+        tokio::spawn(write_loop(writer, rx, head_tx));
+        Ok(Self { reader, jobs, head })
+    }
+}
+
+#[async_trait]
+impl EventLog for SqliteLedger {
+    async fn append(&self, events: Vec<Envelope>) -> Result<Vec<u64>, LedgerError> {
+        let rows = events
+            .iter()
+            .map(|e| {
+                let json = serde_json::to_string(e).map_err(LedgerError::Encode)?;
+                Ok((e.event_id.to_string(), e.event_type(), e.key_id.clone(), json))
+            })
+            .collect::<Result<Vec<_>, LedgerError>>()?;
+        let (done, wait) = oneshot::channel();
+        self.jobs
+            .send(AppendJob { rows, done })
+            .await
+            .map_err(|_| LedgerError::Closed)?;
+        wait.await.map_err(|_| LedgerError::Closed)?
+    }
+
+    async fn read(&self, from: u64, limit: usize) -> Result<Vec<Recorded>, LedgerError> {
+        let rows = sqlx::query("SELECT seq, envelope FROM ledger WHERE seq > ? ORDER BY seq LIMIT ?")
+            .bind(i64::try_from(from).unwrap_or(i64::MAX))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.reader)
+            .await?;
+        rows.into_iter()
+            .map(|row| {
+                let offset = seq_to_offset(row.get::<i64, _>(0));
+                let text: String = row.get(1);
+                let event = serde_json::from_str(&text)
+                    .map_err(|source| LedgerError::Corrupt { offset, source })?;
+                Ok(Recorded { partition: 0, offset, event })
+            })
+            .collect()
+    }
+
+    fn head(&self) -> watch::Receiver<u64> {
+        self.head.clone()
+    }
+
+    async fn ping(&self) -> Result<(), LedgerError> {
+        sqlx::query("SELECT 1").execute(&self.reader).await?;
+        Ok(())
+    }
+}
+
+/// Offsets count from 0; SQLite's `seq` from 1.
+fn seq_to_offset(seq: i64) -> u64 {
+    u64::try_from(seq - 1).unwrap_or(0)
+}
+
+/// The single writer: takes every waiting job, commits them in one transaction, answers each.
+async fn write_loop(pool: SqlitePool, mut rx: mpsc::Receiver<AppendJob>, head: watch::Sender<u64>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        match commit(&pool, &batch).await {
+            Ok((offsets, next)) => {
+                head.send_if_modified(|h| {
+                    let changed = *h != next;
+                    *h = next;
+                    changed
+                });
+                for (job, offs) in batch.drain(..).zip(offsets) {
+                    let _ = job.done.send(Ok(offs));
+                }
+            }
+            Err(err) => {
+                tracing::error!(error = %err, jobs = batch.len(), "ledger append failed");
+                let msg = err.to_string();
+                for job in batch.drain(..) {
+                    let _ = job
+                        .done
+                        .send(Err(LedgerError::Storage(sqlx::Error::Protocol(msg.clone()))));
+                }
+            }
+        }
+    }
+}
+
+async fn commit(pool: &SqlitePool, batch: &[AppendJob]) -> Result<(Vec<Vec<u64>>, u64), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let mut all = Vec::with_capacity(batch.len());
+    for job in batch {
+        let mut offsets = Vec::with_capacity(job.rows.len());
+        for (event_id, event_type, key_id, json) in &job.rows {
+            let existing: Option<i64> = sqlx::query_scalar("SELECT seq FROM ledger WHERE event_id = ?")
+                .bind(event_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+            let seq = match existing {
+                Some(seq) => seq,
+                None => {
+                    sqlx::query_scalar(
+                        "INSERT INTO ledger (event_id, event_type, key_id, envelope) VALUES (?, ?, ?, ?)
+                         RETURNING seq",
+                    )
+                    .bind(event_id)
+                    .bind(*event_type)
+                    .bind(key_id)
+                    .bind(json)
+                    .fetch_one(&mut *tx)
+                    .await?
+                }
+            };
+            offsets.push(seq_to_offset(seq));
+        }
+        all.push(offsets);
+    }
+    let last: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM ledger")
+        .fetch_one(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok((all, u64::try_from(last).unwrap_or(0)))
+}
