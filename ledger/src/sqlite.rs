@@ -90,7 +90,12 @@ impl EventLog for SqliteLedger {
             .iter()
             .map(|e| {
                 let json = serde_json::to_string(e).map_err(LedgerError::Encode)?;
-                Ok((e.event_id.to_string(), e.event_type(), e.key_id.clone(), json))
+                Ok((
+                    e.event_id.to_string(),
+                    e.event_type(),
+                    e.key_id.clone(),
+                    json,
+                ))
             })
             .collect::<Result<Vec<_>, LedgerError>>()?;
         let (done, wait) = oneshot::channel();
@@ -102,18 +107,23 @@ impl EventLog for SqliteLedger {
     }
 
     async fn read(&self, from: u64, limit: usize) -> Result<Vec<Recorded>, LedgerError> {
-        let rows = sqlx::query("SELECT seq, envelope FROM ledger WHERE seq > ? ORDER BY seq LIMIT ?")
-            .bind(i64::try_from(from).unwrap_or(i64::MAX))
-            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .fetch_all(&self.reader)
-            .await?;
+        let rows =
+            sqlx::query("SELECT seq, envelope FROM ledger WHERE seq > ? ORDER BY seq LIMIT ?")
+                .bind(i64::try_from(from).unwrap_or(i64::MAX))
+                .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+                .fetch_all(&self.reader)
+                .await?;
         rows.into_iter()
             .map(|row| {
                 let offset = seq_to_offset(row.get::<i64, _>(0));
                 let text: String = row.get(1);
                 let event = serde_json::from_str(&text)
                     .map_err(|source| LedgerError::Corrupt { offset, source })?;
-                Ok(Recorded { partition: 0, offset, event })
+                Ok(Recorded {
+                    partition: 0,
+                    offset,
+                    event,
+                })
             })
             .collect()
     }
@@ -154,23 +164,29 @@ async fn write_loop(pool: SqlitePool, mut rx: mpsc::Receiver<AppendJob>, head: w
                 for job in batch.drain(..) {
                     let _ = job
                         .done
-                        .send(Err(LedgerError::Storage(sqlx::Error::Protocol(msg.clone()))));
+                        .send(Err(LedgerError::Storage(sqlx::Error::Protocol(
+                            msg.clone(),
+                        ))));
                 }
             }
         }
     }
 }
 
-async fn commit(pool: &SqlitePool, batch: &[AppendJob]) -> Result<(Vec<Vec<u64>>, u64), sqlx::Error> {
+async fn commit(
+    pool: &SqlitePool,
+    batch: &[AppendJob],
+) -> Result<(Vec<Vec<u64>>, u64), sqlx::Error> {
     let mut tx = pool.begin().await?;
     let mut all = Vec::with_capacity(batch.len());
     for job in batch {
         let mut offsets = Vec::with_capacity(job.rows.len());
         for (event_id, event_type, key_id, json) in &job.rows {
-            let existing: Option<i64> = sqlx::query_scalar("SELECT seq FROM ledger WHERE event_id = ?")
-                .bind(event_id)
-                .fetch_optional(&mut *tx)
-                .await?;
+            let existing: Option<i64> =
+                sqlx::query_scalar("SELECT seq FROM ledger WHERE event_id = ?")
+                    .bind(event_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
             let seq = match existing {
                 Some(seq) => seq,
                 None => {

@@ -1,1 +1,14 @@
+//! The projector: folds the ledger into the read models people and the gateway look at (keys,
+//! per-key totals, daily usage), idempotently by `event_id`, advancing its offset in the same
+//! transaction. It also answers the queries on those models and proves them with `audit`.
 
+pub mod audit;
+pub mod fold;
+pub mod queries;
+pub mod runner;
+pub mod store;
+pub mod views;
+
+pub use runner::{Projector, ProjectorHandle};
+pub use store::{ReadModels, StoreError};
+pub use views::{KeyRecord, UsageDocument, UsageFilter};

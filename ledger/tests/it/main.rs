@@ -53,6 +53,10 @@ pub fn sample_events(key_id: &str) -> Vec<Envelope> {
                 detail: "connection refused".into(),
             }),
         ),
-        Envelope::new(key_id, "test", Event::KeyRevoked(KeyRevoked { reason: None })),
+        Envelope::new(
+            key_id,
+            "test",
+            Event::KeyRevoked(KeyRevoked { reason: None }),
+        ),
     ]
 }

@@ -7,15 +7,23 @@ use claw_ledger::{EventLog, SqliteLedger};
 #[tokio::test]
 async fn appends_are_read_back_in_order_from_any_offset() {
     let dir = tempfile::tempdir().unwrap();
-    let log = SqliteLedger::open(&dir.path().join("claw.db")).await.unwrap();
+    let log = SqliteLedger::open(&dir.path().join("claw.db"))
+        .await
+        .unwrap();
     let events = crate::sample_events("k1");
     let offsets = log.append(events.clone()).await.unwrap();
     assert_eq!(offsets, vec![0, 1, 2, 3]);
     assert_eq!(*log.head().borrow(), 4);
 
     let all = log.read(0, 100).await.unwrap();
-    assert_eq!(all.iter().map(|r| r.offset).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
-    assert_eq!(all.iter().map(|r| r.event.clone()).collect::<Vec<_>>(), events);
+    assert_eq!(
+        all.iter().map(|r| r.offset).collect::<Vec<_>>(),
+        vec![0, 1, 2, 3]
+    );
+    assert_eq!(
+        all.iter().map(|r| r.event.clone()).collect::<Vec<_>>(),
+        events
+    );
     let tail = log.read(2, 1).await.unwrap();
     assert_eq!(tail.len(), 1);
     assert_eq!(tail[0].offset, 2);
@@ -25,7 +33,9 @@ async fn appends_are_read_back_in_order_from_any_offset() {
 #[tokio::test]
 async fn the_same_event_id_is_stored_once() {
     let dir = tempfile::tempdir().unwrap();
-    let log = SqliteLedger::open(&dir.path().join("claw.db")).await.unwrap();
+    let log = SqliteLedger::open(&dir.path().join("claw.db"))
+        .await
+        .unwrap();
     let events = crate::sample_events("k1");
     log.append(events[..2].to_vec()).await.unwrap();
     let again = log.append(events[1..3].to_vec()).await.unwrap();
@@ -44,19 +54,31 @@ async fn events_survive_reopening() {
     }
     let log = SqliteLedger::open(&path).await.unwrap();
     assert_eq!(*log.head().borrow(), 4);
-    let back: Vec<_> = log.read(0, 10).await.unwrap().into_iter().map(|r| r.event).collect();
+    let back: Vec<_> = log
+        .read(0, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.event)
+        .collect();
     assert_eq!(back, events);
 }
 
 #[tokio::test]
 async fn concurrent_appends_are_group_committed_without_loss() {
     let dir = tempfile::tempdir().unwrap();
-    let log = std::sync::Arc::new(SqliteLedger::open(&dir.path().join("claw.db")).await.unwrap());
+    let log = std::sync::Arc::new(
+        SqliteLedger::open(&dir.path().join("claw.db"))
+            .await
+            .unwrap(),
+    );
     let mut tasks = Vec::new();
     for i in 0..200 {
         let log = log.clone();
         tasks.push(tokio::spawn(async move {
-            log.append(crate::sample_events(&format!("k{i}"))[1..2].to_vec()).await.unwrap()[0]
+            log.append(crate::sample_events(&format!("k{i}"))[1..2].to_vec())
+                .await
+                .unwrap()[0]
         }));
     }
     let mut offsets = Vec::new();
@@ -70,12 +92,19 @@ async fn concurrent_appends_are_group_committed_without_loss() {
 #[tokio::test]
 async fn followers_are_woken_by_new_appends() {
     let dir = tempfile::tempdir().unwrap();
-    let log = std::sync::Arc::new(SqliteLedger::open(&dir.path().join("claw.db")).await.unwrap());
+    let log = std::sync::Arc::new(
+        SqliteLedger::open(&dir.path().join("claw.db"))
+            .await
+            .unwrap(),
+    );
     let mut head = log.head();
     let writer = log.clone();
     tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(20)).await;
-        writer.append(crate::sample_events("k")[..1].to_vec()).await.unwrap();
+        writer
+            .append(crate::sample_events("k")[..1].to_vec())
+            .await
+            .unwrap();
     });
     tokio::time::timeout(Duration::from_secs(5), head.wait_for(|h| *h == 1))
         .await

@@ -1,0 +1,80 @@
+//! The read-model store: one sqlx `Any` pool over SQLite (embedded, or an in-memory scratch
+//! copy for audits) or PostgreSQL (distributed), migrated on open. Everything above it speaks
+//! portable SQL.
+
+use std::path::Path;
+use std::time::Duration;
+
+use sqlx::any::{install_default_drivers, AnyPoolOptions};
+use sqlx::{AnyPool, Executor};
+
+/// What can go wrong reading or folding the read models.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("read-model database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("read-model migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("ledger error: {0}")]
+    Ledger(#[from] claw_ledger::LedgerError),
+    #[error("the projection did not reach offset {offset} within {waited:?}")]
+    Lagging { offset: u64, waited: Duration },
+}
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Handle to the read models.
+#[derive(Clone, Debug)]
+pub struct ReadModels {
+    pub(crate) pool: AnyPool,
+}
+
+impl ReadModels {
+    /// The embedded read models, in the same SQLite file as the ledger.
+    pub async fn open_sqlite(path: &Path) -> Result<Self, StoreError> {
+        let url = format!("sqlite://{}?mode=rwc", path.display());
+        Self::open(&url, 4).await
+    }
+
+    /// A private in-memory projection (audits replay into one).
+    pub async fn open_scratch() -> Result<Self, StoreError> {
+        Self::open("sqlite::memory:", 1).await
+    }
+
+    /// PostgreSQL read models (`postgres://…`).
+    pub async fn open_postgres(url: &str) -> Result<Self, StoreError> {
+        Self::open(url, 8).await
+    }
+
+    async fn open(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        install_default_drivers();
+        let sqlite = url.starts_with("sqlite:");
+        let pool = AnyPoolOptions::new()
+            .max_connections(max_connections)
+            .min_connections(u32::from(!sqlite || url.contains("memory")))
+            .idle_timeout(if url.contains("memory") { None } else { Some(Duration::from_mins(10)) })
+            .max_lifetime(if url.contains("memory") { None } else { Some(Duration::from_mins(30)) })
+            .acquire_timeout(Duration::from_secs(10))
+            .after_connect(move |conn, _meta| {
+                Box::pin(async move {
+                    if sqlite {
+                        conn.execute(
+                            "PRAGMA busy_timeout = 10000; PRAGMA synchronous = FULL; PRAGMA journal_mode = WAL;",
+                        )
+                        .await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect(url)
+            .await?;
+        MIGRATOR.run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    /// Whether the store answers (for `/readyz`).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.pool.execute("SELECT 1").await?;
+        Ok(())
+    }
+}
