@@ -17,7 +17,7 @@ fn created(key_id: &str, name: &str) -> Envelope {
         Event::KeyCreated(KeyCreated {
             name: name.into(),
             key_prefix: "sk-nself-abc".into(),
-            key_hash: format!("sha256:{:0>64}", key_id),
+            key_hash: format!("sha256:{key_id:0>64}"),
             rpm_limit: 60,
             admin_allowed: false,
         }),
