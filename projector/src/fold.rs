@@ -106,7 +106,7 @@ async fn apply(tx: &mut Transaction<'static, Any>, rec: &Recorded) -> Result<boo
             .await?;
         }
         Event::RequestServed(s) => {
-            served(tx, &env.event_id.to_string(), &env.key_id, &at, s).await?
+            served(tx, &env.event_id.to_string(), &env.key_id, &at, s).await?;
         }
         Event::TierFallback(_) => {}
     }
