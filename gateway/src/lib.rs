@@ -1,1 +1,18 @@
+//! The ɳClaw gateway: an OpenAI-compatible API (`/v1`) that routes each request through tiers
+//! (local Ollama first), accounts for it in the ledger, and an admin API (`/claw/v1`) for keys,
+//! usage, events and audits.
 
+pub mod accounting;
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod exchange;
+pub mod keys;
+pub mod openai;
+pub mod providers;
+pub mod router;
+pub mod routes;
+
+pub use app::{open, routes as http_routes, serve, AppState, StartError};
+pub use config::ServeArgs;

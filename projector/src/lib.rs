@@ -11,4 +11,4 @@ pub mod views;
 
 pub use runner::{Projector, ProjectorHandle};
 pub use store::{ReadModels, StoreError};
-pub use views::{KeyRecord, UsageDocument, UsageFilter};
+pub use views::{parse_time_bound, KeyRecord, UsageDocument, UsageFilter};

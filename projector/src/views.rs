@@ -98,3 +98,57 @@ pub struct UsageDocument {
 pub fn nanos_to_usd(nanos: i64) -> f64 {
     nanos as f64 / 1e9
 }
+
+/// Parses a `--since`/`--until` bound: RFC 3339, or an age before `now` such as `90s`, `15m`,
+/// `24h`, `7d`, `2w`.
+pub fn parse_time_bound(text: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, String> {
+    let text = text.trim();
+    if let Ok(t) = DateTime::parse_from_rfc3339(text) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let amount: i64 = number.parse().map_err(|_| bad_bound(text))?;
+    let age = match unit {
+        "s" => chrono::Duration::try_seconds(amount),
+        "m" => chrono::Duration::try_minutes(amount),
+        "h" => chrono::Duration::try_hours(amount),
+        "d" => chrono::Duration::try_days(amount),
+        "w" => chrono::Duration::try_weeks(amount),
+        _ => None,
+    }
+    .ok_or_else(|| bad_bound(text))?;
+    now.checked_sub_signed(age).ok_or_else(|| bad_bound(text))
+}
+
+fn bad_bound(text: &str) -> String {
+    format!("`{text}` is neither an RFC 3339 time (2026-11-24T10:00:00Z) nor an age like 24h or 7d")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn time_bounds_accept_rfc3339_and_ages() {
+        let now = Utc.with_ymd_and_hms(2026, 11, 24, 12, 0, 0).unwrap();
+        assert_eq!(
+            parse_time_bound("24h", now).unwrap(),
+            Utc.with_ymd_and_hms(2026, 11, 23, 12, 0, 0).unwrap()
+        );
+        assert_eq!(
+            parse_time_bound("7d", now).unwrap(),
+            Utc.with_ymd_and_hms(2026, 11, 17, 12, 0, 0).unwrap()
+        );
+        assert_eq!(
+            parse_time_bound("2026-11-01T00:00:00+01:00", now).unwrap(),
+            Utc.with_ymd_and_hms(2026, 10, 31, 23, 0, 0).unwrap()
+        );
+        for bad in ["", "yesterday", "7", "h", "-3d", "99999999999999d"] {
+            assert!(parse_time_bound(bad, now).is_err(), "{bad}");
+        }
+    }
+}

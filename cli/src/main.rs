@@ -1,0 +1,205 @@
+//! `nself`: the command users type. `nself claw serve` runs the gateway; `nself claw api …`
+//! talks to a running gateway's admin API. This file is the clap tree and the dispatch; the
+//! HTTP client and the output formatting live beside it.
+
+mod admin;
+mod output;
+
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::admin::{AdminClient, CliError};
+
+/// nSelf's command line. `nself claw` is the ɳClaw gateway.
+#[derive(Debug, Parser)]
+#[command(name = "nself", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Top,
+}
+
+#[derive(Debug, Subcommand)]
+enum Top {
+    /// ɳClaw: the OpenAI-compatible gateway (local Ollama → free Gemini → paid keys).
+    #[command(subcommand)]
+    Claw(Claw),
+}
+
+#[derive(Debug, Subcommand)]
+enum Claw {
+    /// Run the gateway. With no Kafka/PostgreSQL configured it runs embedded: ledger and read
+    /// models in one SQLite file under CLAW_DATA_DIR, projector in-process.
+    Serve(claw_gateway::ServeArgs),
+    /// Run the projector as its own service (distributed mode: Kafka → PostgreSQL).
+    Projector,
+    /// Manage and inspect a running gateway through its admin API.
+    Api(ApiArgs),
+}
+
+#[derive(Debug, Args)]
+struct ApiArgs {
+    /// The gateway's URL.
+    #[arg(
+        long,
+        global = true,
+        env = "NSELF_CLAW_URL",
+        default_value = "http://localhost:3713"
+    )]
+    url: String,
+    #[command(subcommand)]
+    command: Api,
+}
+
+#[derive(Debug, Subcommand)]
+enum Api {
+    /// Gateway keys.
+    #[command(subcommand)]
+    Keys(Keys),
+    /// Per-key usage from the read models.
+    Usage {
+        /// Only this key id.
+        #[arg(long = "key")]
+        key: Option<String>,
+        /// From this time: RFC 3339 or an age such as 24h or 7d.
+        #[arg(long)]
+        since: Option<String>,
+        /// Until this time (exclusive): RFC 3339 or an age.
+        #[arg(long)]
+        until: Option<String>,
+        /// Print the usage document as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check that the gateway answers; exit 0 only when it is healthy.
+    Test {
+        /// A gateway key (sk-nself-…) to test; without it the admin credential is used.
+        #[arg(long)]
+        key: Option<String>,
+        /// List the models and each tier's state.
+        #[arg(long)]
+        verbose: bool,
+    },
+    /// The ledger, in order.
+    Events {
+        /// First offset to print.
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        /// Keep printing new events as they are appended.
+        #[arg(long)]
+        follow: bool,
+        /// One JSON line per event: {"partition","offset","event"}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replay the whole ledger into a scratch projection and compare it with the live read
+    /// models; exit 3 when they drift.
+    Audit {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum Keys {
+    /// List keys (never their secrets).
+    List {
+        /// Print {"keys":[…]} as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create a key and print its secret, once.
+    Create {
+        /// A name to recognise the key by.
+        #[arg(long)]
+        name: String,
+        /// Allow the key to use admin mode (x-nself-admin: true).
+        #[arg(long)]
+        admin: bool,
+        /// Requests per minute allowed (token bucket, burst = rpm).
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        rpm: u32,
+        /// Print the created key as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a key; it is refused from then on.
+    Revoke {
+        /// The key's id (see `keys list`).
+        id: String,
+        /// Why, for the ledger.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    // A .env in the working directory configures the gateway and the CLI alike.
+    let _ = dotenvy::dotenv();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::from(1);
+        }
+    };
+    let Top::Claw(claw) = cli.command;
+    let result = runtime.block_on(run(claw));
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            output::error(&err.to_string());
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(claw: Claw) -> Result<ExitCode, CliError> {
+    match claw {
+        Claw::Serve(settings) => {
+            init_logging();
+            let state = claw_gateway::open(settings).await.map_err(|e| CliError::Message(e.to_string()))?;
+            claw_gateway::serve(state).await.map_err(|e| CliError::Message(e.to_string()))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Claw::Projector => Err(CliError::Message(
+            "the standalone projector needs distributed mode (CLAW_KAFKA_BROKERS and CLAW_DATABASE_URL), which this build does not have yet; in embedded mode the projector runs inside `nself claw serve`".into(),
+        )),
+        Claw::Api(api) => {
+            let client = AdminClient::new(&api.url)?;
+            match api.command {
+                Api::Keys(Keys::List { json }) => admin::keys_list(&client, json).await,
+                Api::Keys(Keys::Create { name, admin, rpm, json }) => {
+                    admin::keys_create(&client, &name, admin, rpm, json).await
+                }
+                Api::Keys(Keys::Revoke { id, reason }) => admin::keys_revoke(&client, &id, reason.as_deref()).await,
+                Api::Usage { key, since, until, json } => {
+                    admin::usage(&client, key.as_deref(), since.as_deref(), until.as_deref(), json).await
+                }
+                Api::Test { key, verbose } => admin::test(&client, key.as_deref(), verbose).await,
+                Api::Events { from, follow, json } => admin::events(&client, from, follow, json).await,
+                Api::Audit { json } => admin::audit(&client, json).await,
+            }
+        }
+    }
+}
+
+/// Logs to stderr; `RUST_LOG` filters (default `info`), `CLAW_LOG_FORMAT=json` for JSON lines.
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var("CLAW_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

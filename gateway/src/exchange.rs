@@ -1,0 +1,525 @@
+//! Running a routed request: try the plan's attempts in order (falling through only before
+//! anything reached the client), then either collect the whole answer or relay it as OpenAI
+//! SSE chunks, and account for it. The work runs in its own task, so a client that hangs up
+//! cannot cancel the accounting.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use claw_ledger::{EventLog, Provider};
+use futures::StreamExt;
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
+
+use crate::accounting::{settle_tokens, Outcome, RequestRecord};
+use crate::error::ApiError;
+use crate::openai::encode::{self, ChunkBody, CompletionIds, TokenUsage};
+use crate::providers::{
+    ChatEvent, ChatParams, ChatRequest, ChatStream, Embeddings, FinishReason, Message,
+    ProviderError, Usage,
+};
+use crate::router::{Attempt, TierPlan};
+
+/// Frames queued for a streaming client at most (backpressure beyond).
+const STREAM_BUFFER: usize = 64;
+/// The status recorded when the client went away before the answer was complete.
+pub const CLIENT_CLOSED: u16 = 499;
+
+/// What an exchange needs from the gateway.
+#[derive(Clone)]
+pub struct ExchangeDeps {
+    pub ledger: Arc<dyn EventLog>,
+    /// Longest wait for the next upstream chunk.
+    pub idle_timeout: Duration,
+}
+
+/// The attempt that succeeded, with what it produced and the capacity slot it holds.
+struct Won<T> {
+    attempt: Attempt,
+    value: T,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+/// Tries `plan` in order with `call`, recording fall-throughs. Returns the first success, or
+/// the error to give the client (the last attempted provider comes with it for accounting).
+async fn run_plan<T, F, Fut>(
+    plan: &TierPlan,
+    record: &mut RequestRecord,
+    mut call: F,
+) -> Result<Won<T>, (ApiError, Option<Attempt>)>
+where
+    F: FnMut(Attempt) -> Fut,
+    Fut: Future<Output = Result<T, ProviderError>>,
+{
+    let mut failures: Vec<String> = Vec::new();
+    let mut last: Option<(Attempt, ProviderError)> = None;
+    for (i, attempt) in plan.attempts.iter().enumerate() {
+        let next_tier = plan.attempts.get(i + 1).map(Attempt::tier);
+        let provider = attempt.provider.provider();
+        let Ok(permit) = attempt.admit(plan.forced).await else {
+            let detail = format!("{} is at capacity", provider.as_str());
+            record.fall_through(
+                provider,
+                next_tier,
+                claw_ledger::FallbackReason::Capacity,
+                detail.clone(),
+            );
+            failures.push(detail);
+            continue;
+        };
+        match call(attempt.clone()).await {
+            Ok(value) => {
+                return Ok(Won {
+                    attempt: attempt.clone(),
+                    value,
+                    _permit: permit,
+                })
+            }
+            Err(err) => {
+                failures.push(err.to_string());
+                let falls_through = err.falls_through();
+                if !plan.forced && falls_through {
+                    record.fall_through(
+                        provider,
+                        next_tier,
+                        err.fallback_reason(),
+                        err.to_string(),
+                    );
+                }
+                last = Some((attempt.clone(), err));
+                if plan.forced || !falls_through {
+                    break;
+                }
+            }
+        }
+    }
+    let attempted = last
+        .as_ref()
+        .map(|(a, _)| a.clone())
+        .or_else(|| plan.attempts.first().cloned());
+    let error = match last {
+        Some((_, ProviderError::ModelNotFound { model, .. })) if plan.forced => {
+            ApiError::model_not_found(&model)
+        }
+        Some((
+            _,
+            ProviderError::RateLimited {
+                message,
+                retry_after_secs,
+                ..
+            },
+        )) if plan.forced => ApiError::rate_limited(message, retry_after_secs.unwrap_or(1)),
+        Some((_, err)) if plan.forced || !err.falls_through() => {
+            ApiError::upstream(err.to_string())
+        }
+        _ => ApiError::no_tier_available(format!(
+            "No tier could serve the request: {}.",
+            failures.join("; ")
+        )),
+    };
+    Err((error, attempted))
+}
+
+/// Accounts for a request that no attempt served, and returns its error.
+async fn account_failure(
+    deps: &ExchangeDeps,
+    record: &mut RequestRecord,
+    error: ApiError,
+    attempted: Option<Attempt>,
+) -> ApiError {
+    let (provider, model_served) = attempted.map_or((Provider::Ollama, String::new()), |a| {
+        (a.provider.provider(), a.model)
+    });
+    let outcome = Outcome {
+        provider,
+        model_served,
+        status: error.status.as_u16(),
+        tokens: TokenUsage::default(),
+        tokens_estimated: false,
+        ttft_ms: None,
+    };
+    // The client gets the upstream error either way; a ledger failure is logged by commit.
+    let _ = record.commit(deps.ledger.as_ref(), &outcome).await;
+    error
+}
+
+/// A chat request ready to run.
+pub struct ChatJob {
+    pub deps: ExchangeDeps,
+    pub record: RequestRecord,
+    pub plan: TierPlan,
+    pub messages: Vec<Message>,
+    pub params: ChatParams,
+    pub include_usage: bool,
+}
+
+/// A whole answer, ready to send.
+pub struct WholeReply {
+    pub provider: Provider,
+    pub body: serde_json::Value,
+}
+
+/// A stream that has started: frames to relay (`data:` payloads, ending with `[DONE]`).
+pub struct StreamReply {
+    pub provider: Provider,
+    pub frames: mpsc::Receiver<String>,
+}
+
+/// Everything an answer accumulates.
+#[derive(Default)]
+struct Answer {
+    text: String,
+    finish: Option<FinishReason>,
+    usage: Usage,
+    ttft_ms: Option<u64>,
+}
+
+impl Answer {
+    fn absorb(&mut self, event: &ChatEvent, started: Instant) {
+        match event {
+            ChatEvent::Delta(text) => {
+                if self.ttft_ms.is_none() {
+                    self.ttft_ms =
+                        Some(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
+                }
+                self.text.push_str(text);
+            }
+            ChatEvent::Finish(reason) => self.finish = Some(*reason),
+            ChatEvent::Usage(u) => {
+                self.usage.prompt_tokens = u.prompt_tokens.or(self.usage.prompt_tokens);
+                self.usage.completion_tokens = u.completion_tokens.or(self.usage.completion_tokens);
+            }
+        }
+    }
+}
+
+/// The next upstream event, within the idle timeout.
+async fn next_event(
+    stream: &mut ChatStream,
+    idle: Duration,
+) -> Option<Result<ChatEvent, ProviderError>> {
+    tokio::time::timeout(idle, stream.next())
+        .await
+        .unwrap_or_else(|_| {
+            Some(Err(ProviderError::Timeout(format!(
+                "no upstream data for {idle:?}"
+            ))))
+        })
+}
+
+fn chat_request(attempt: &Attempt, messages: &[Message], params: &ChatParams) -> ChatRequest {
+    ChatRequest {
+        model: attempt.model.clone(),
+        messages: messages.to_vec(),
+        params: params.clone(),
+    }
+}
+
+fn completion_ids(request_id: &str, model: &str) -> CompletionIds {
+    CompletionIds {
+        id: format!("chatcmpl-{request_id}"),
+        created: chrono::Utc::now().timestamp(),
+        model: model.to_owned(),
+    }
+}
+
+impl ChatJob {
+    /// Runs the request to completion in its own task and answers with the whole completion.
+    pub fn spawn_whole(self) -> oneshot::Receiver<Result<WholeReply, ApiError>> {
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(async move {
+            let reply = self.whole(&tx).await;
+            let _ = tx.send(reply);
+        });
+        rx
+    }
+
+    async fn whole(
+        self,
+        client: &oneshot::Sender<Result<WholeReply, ApiError>>,
+    ) -> Result<WholeReply, ApiError> {
+        let ChatJob {
+            deps,
+            mut record,
+            plan,
+            messages,
+            params,
+            ..
+        } = self;
+        let (idle, started) = (deps.idle_timeout, record.started);
+        let (messages, params) = (&messages, &params);
+        // Nothing reaches the client before the answer is complete, so any failure falls through.
+        let won = run_plan(&plan, &mut record, |attempt| async move {
+            let mut stream = attempt
+                .provider
+                .chat(&chat_request(&attempt, messages, params))
+                .await?;
+            let mut answer = Answer::default();
+            while let Some(event) = next_event(&mut stream, idle).await {
+                answer.absorb(&event?, started);
+            }
+            Ok(answer)
+        })
+        .await;
+        let won = match won {
+            Ok(won) => won,
+            Err((error, attempted)) => {
+                return Err(account_failure(&deps, &mut record, error, attempted).await)
+            }
+        };
+        let answer = won.value;
+        let (tokens, tokens_estimated) = settle_tokens(
+            answer.usage,
+            crate::accounting::prompt_chars(messages),
+            answer.text.chars().count(),
+        );
+        let provider = won.attempt.provider.provider();
+        let outcome = Outcome {
+            provider,
+            model_served: won.attempt.model.clone(),
+            status: if client.is_closed() {
+                CLIENT_CLOSED
+            } else {
+                200
+            },
+            tokens,
+            tokens_estimated,
+            ttft_ms: None,
+        };
+        record
+            .commit(deps.ledger.as_ref(), &outcome)
+            .await
+            .map_err(|_| ApiError::ledger_unavailable())?;
+        let ids = completion_ids(&record.request_id, &won.attempt.model);
+        let body = encode::completion(
+            &ids,
+            &answer.text,
+            answer.finish.unwrap_or(FinishReason::Stop),
+            tokens,
+        );
+        Ok(WholeReply { provider, body })
+    }
+
+    /// Starts the request in its own task; answers once the first upstream event arrived (or
+    /// with the error if no tier could start), then relays the rest as frames.
+    pub fn spawn_stream(self) -> oneshot::Receiver<Result<StreamReply, ApiError>> {
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(self.stream(tx));
+        rx
+    }
+
+    async fn stream(self, start: oneshot::Sender<Result<StreamReply, ApiError>>) {
+        let ChatJob {
+            deps,
+            mut record,
+            plan,
+            messages,
+            params,
+            include_usage,
+        } = self;
+        let (idle, started) = (deps.idle_timeout, record.started);
+        let (messages_ref, params_ref) = (&messages, &params);
+        // The attempt succeeds once the upstream produced its first event: until then nothing
+        // has reached the client and the next tier may still take over.
+        let won = run_plan(&plan, &mut record, |attempt| async move {
+            let mut stream = attempt
+                .provider
+                .chat(&chat_request(&attempt, messages_ref, params_ref))
+                .await?;
+            match next_event(&mut stream, idle).await {
+                Some(Ok(first)) => Ok((first, stream)),
+                Some(Err(err)) => Err(err),
+                None => Err(ProviderError::Protocol {
+                    provider: "upstream",
+                    message: "empty stream".into(),
+                }),
+            }
+        })
+        .await;
+        let won = match won {
+            Ok(won) => won,
+            Err((error, attempted)) => {
+                let error = account_failure(&deps, &mut record, error, attempted).await;
+                let _ = start.send(Err(error));
+                return;
+            }
+        };
+        let (first, upstream) = won.value;
+        let provider = won.attempt.provider.provider();
+        let ids = completion_ids(&record.request_id, &won.attempt.model);
+        let (frames, rx) = mpsc::channel(STREAM_BUFFER);
+        let mut client_open = start
+            .send(Ok(StreamReply {
+                provider,
+                frames: rx,
+            }))
+            .is_ok();
+        let send = |body: ChunkBody<'_>| encode::chunk(&ids, &body, include_usage);
+        client_open = client_open && frames.send(send(ChunkBody::Role)).await.is_ok();
+
+        let (answer, failure) = if client_open {
+            relay(&frames, &send, first, upstream, idle, started).await
+        } else {
+            (Answer::default(), None)
+        };
+        client_open = client_open && !frames.is_closed();
+
+        let (tokens, tokens_estimated) = settle_tokens(
+            answer.usage,
+            crate::accounting::prompt_chars(&messages),
+            answer.text.chars().count(),
+        );
+        let status = match (&failure, client_open) {
+            (_, false) => CLIENT_CLOSED,
+            (Some(_), true) => 502,
+            (None, true) => 200,
+        };
+        if status == 200 {
+            let _ = frames
+                .send(send(ChunkBody::Finish(
+                    answer.finish.unwrap_or(FinishReason::Stop),
+                )))
+                .await;
+            if include_usage {
+                let _ = frames.send(send(ChunkBody::Usage(tokens))).await;
+            }
+        }
+        let outcome = Outcome {
+            provider,
+            model_served: won.attempt.model.clone(),
+            status,
+            tokens,
+            tokens_estimated,
+            ttft_ms: answer.ttft_ms,
+        };
+        let durable = record.commit(deps.ledger.as_ref(), &outcome).await.is_ok();
+        if let Some(err) = failure {
+            let _ = frames
+                .send(ApiError::upstream(format!("the upstream stream broke: {err}")).to_json())
+                .await;
+        } else if !durable {
+            let _ = frames.send(ApiError::ledger_unavailable().to_json()).await;
+        } else if status == 200 {
+            let _ = frames.send("[DONE]".to_owned()).await;
+        }
+    }
+}
+
+/// Relays upstream events to the client as chunks until the upstream ends, fails, or the
+/// client goes away (then the upstream is dropped, which stops generation).
+async fn relay(
+    frames: &mpsc::Sender<String>,
+    chunk: &impl Fn(ChunkBody<'_>) -> String,
+    first: ChatEvent,
+    mut upstream: ChatStream,
+    idle: Duration,
+    started: Instant,
+) -> (Answer, Option<ProviderError>) {
+    let mut answer = Answer::default();
+    let mut pending = Some(first);
+    loop {
+        let event = if let Some(event) = pending.take() {
+            event
+        } else {
+            let next = tokio::select! {
+                biased;
+                () = frames.closed() => return (answer, None),
+                next = next_event(&mut upstream, idle) => next,
+            };
+            match next {
+                None => return (answer, None),
+                Some(Ok(event)) => event,
+                Some(Err(err)) => return (answer, Some(err)),
+            }
+        };
+        answer.absorb(&event, started);
+        if let ChatEvent::Delta(text) = &event {
+            if frames.send(chunk(ChunkBody::Text(text))).await.is_err() {
+                return (answer, None);
+            }
+        }
+    }
+}
+
+/// An embeddings request ready to run.
+pub struct EmbedJob {
+    pub deps: ExchangeDeps,
+    pub record: RequestRecord,
+    pub plan: TierPlan,
+    pub inputs: Vec<String>,
+}
+
+/// Embeddings and who made them.
+pub struct EmbedReply {
+    pub provider: Provider,
+    pub model: String,
+    pub embeddings: Embeddings,
+    pub prompt_tokens: u64,
+}
+
+impl EmbedJob {
+    /// Runs the request in its own task.
+    pub fn spawn(self) -> oneshot::Receiver<Result<EmbedReply, ApiError>> {
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(async move {
+            let reply = self.run(&tx).await;
+            let _ = tx.send(reply);
+        });
+        rx
+    }
+
+    async fn run(
+        self,
+        client: &oneshot::Sender<Result<EmbedReply, ApiError>>,
+    ) -> Result<EmbedReply, ApiError> {
+        let EmbedJob {
+            deps,
+            mut record,
+            plan,
+            inputs,
+        } = self;
+        let inputs_ref = &inputs;
+        let won = run_plan(&plan, &mut record, |attempt| async move {
+            attempt.provider.embed(&attempt.model, inputs_ref).await
+        })
+        .await;
+        let won = match won {
+            Ok(won) => won,
+            Err((error, attempted)) => {
+                return Err(account_failure(&deps, &mut record, error, attempted).await)
+            }
+        };
+        let chars: usize = inputs.iter().map(|i| i.chars().count()).sum();
+        let (tokens, tokens_estimated) = settle_tokens(
+            Usage {
+                prompt_tokens: won.value.prompt_tokens,
+                completion_tokens: Some(0),
+            },
+            chars,
+            0,
+        );
+        let provider = won.attempt.provider.provider();
+        let outcome = Outcome {
+            provider,
+            model_served: won.attempt.model.clone(),
+            status: if client.is_closed() {
+                CLIENT_CLOSED
+            } else {
+                200
+            },
+            tokens,
+            tokens_estimated,
+            ttft_ms: None,
+        };
+        record
+            .commit(deps.ledger.as_ref(), &outcome)
+            .await
+            .map_err(|_| ApiError::ledger_unavailable())?;
+        Ok(EmbedReply {
+            provider,
+            model: won.attempt.model,
+            embeddings: won.value,
+            prompt_tokens: tokens.prompt_tokens,
+        })
+    }
+}

@@ -1,0 +1,228 @@
+//! Gateway keys on the request path: secret generation and hashing, and the in-memory key
+//! cache that authentication reads. The cache is loaded from the projection and reloaded on
+//! change notices, so a request never waits on a database; a miss reads through once and is
+//! remembered briefly (negative cache), so a flood of bad keys cannot hammer the store.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use claw_projector::{KeyRecord, ReadModels, StoreError};
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultDirectRateLimiter, Quota};
+use rand::distr::{Alphanumeric, SampleString};
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+/// Every gateway secret starts with this.
+pub const SECRET_PREFIX: &str = "sk-nself-";
+/// Random base62 characters after the prefix.
+const SECRET_RANDOM_CHARS: usize = 40;
+/// How long an unknown hash is remembered as unknown.
+const NEGATIVE_TTL: Duration = Duration::from_secs(5);
+/// Most unknown hashes remembered at once.
+const NEGATIVE_CAPACITY: usize = 10_000;
+
+/// A new secret: `sk-nself-` + 40 random base62 characters.
+pub fn generate_secret() -> String {
+    format!(
+        "{SECRET_PREFIX}{}",
+        Alphanumeric.sample_string(&mut rand::rng(), SECRET_RANDOM_CHARS)
+    )
+}
+
+/// `sha256:` + lowercase hex SHA-256 of the whole secret: the only form ever stored.
+pub fn hash_secret(secret: &str) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(secret.as_bytes())))
+}
+
+/// An active key as the request path sees it, with its rate limiter.
+pub struct CachedKey {
+    pub record: KeyRecord,
+    /// The key's `rpm_limit` token bucket (burst = rpm), shared across reloads.
+    limiter: Arc<DefaultDirectRateLimiter>,
+}
+
+impl CachedKey {
+    fn new(record: KeyRecord) -> Self {
+        let rpm = NonZeroU32::new(record.rpm_limit).unwrap_or(NonZeroU32::MIN);
+        Self {
+            limiter: Arc::new(DefaultDirectRateLimiter::direct(Quota::per_minute(rpm))),
+            record,
+        }
+    }
+
+    /// Takes one request from the key's budget, or says how many whole seconds until one frees.
+    pub fn check_rate(&self) -> Result<(), u64> {
+        self.limiter.check().map_err(|not_until| {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
+        })
+    }
+}
+
+/// Why a key was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyRefusal {
+    #[error("unknown or revoked key")]
+    Unknown,
+    #[error("key store unavailable: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// The in-memory view of active keys, by secret hash.
+pub struct KeyCache {
+    store: ReadModels,
+    active: RwLock<HashMap<String, Arc<CachedKey>>>,
+    unknown: RwLock<HashMap<String, Instant>>,
+}
+
+impl KeyCache {
+    /// Loads every active key from the projection.
+    pub async fn load(store: ReadModels) -> Result<Arc<Self>, StoreError> {
+        let cache = Arc::new(Self {
+            store,
+            active: RwLock::default(),
+            unknown: RwLock::default(),
+        });
+        cache.reload().await?;
+        Ok(cache)
+    }
+
+    /// Re-reads the keys; a key whose rpm is unchanged keeps its rate-limit state.
+    pub async fn reload(&self) -> Result<(), StoreError> {
+        let keys = self.store.list_keys().await?;
+        let mut active = self
+            .active
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut next = HashMap::with_capacity(keys.len());
+        for record in keys.into_iter().filter(|k| k.is_active) {
+            let entry = match active.remove(&record.key_hash) {
+                Some(old)
+                    if old.record.rpm_limit == record.rpm_limit && old.record.id == record.id =>
+                {
+                    Arc::new(CachedKey {
+                        record: record.clone(),
+                        limiter: old.limiter.clone(),
+                    })
+                }
+                _ => Arc::new(CachedKey::new(record.clone())),
+            };
+            next.insert(record.key_hash, entry);
+        }
+        *active = next;
+        drop(active);
+        self.unknown
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
+        Ok(())
+    }
+
+    /// Finds the active key for `secret`.
+    pub async fn authenticate(&self, secret: &str) -> Result<Arc<CachedKey>, KeyRefusal> {
+        let hash = hash_secret(secret);
+        if let Some(hit) = self
+            .active
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&hash)
+        {
+            return Ok(hit.clone());
+        }
+        let now = Instant::now();
+        let known_unknown = self
+            .unknown
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&hash)
+            .is_some_and(|at| now.duration_since(*at) < NEGATIVE_TTL);
+        if known_unknown || !secret.starts_with(SECRET_PREFIX) {
+            return Err(KeyRefusal::Unknown);
+        }
+        // A miss reads through once: another gateway may have created the key a moment ago.
+        match self.store.key_by_hash(&hash).await? {
+            Some(record) if record.is_active => {
+                let mut active = self
+                    .active
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                Ok(active
+                    .entry(hash)
+                    .or_insert_with(|| Arc::new(CachedKey::new(record)))
+                    .clone())
+            }
+            _ => {
+                let mut unknown = self
+                    .unknown
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if unknown.len() >= NEGATIVE_CAPACITY {
+                    unknown.retain(|_, at| now.duration_since(*at) < NEGATIVE_TTL);
+                    if unknown.len() >= NEGATIVE_CAPACITY {
+                        unknown.clear();
+                    }
+                }
+                unknown.insert(hash, now);
+                Err(KeyRefusal::Unknown)
+            }
+        }
+    }
+
+    /// Reloads whenever the projection reports a key change, until the notices stop.
+    pub fn follow(self: &Arc<Self>, mut changes: watch::Receiver<u64>) {
+        let cache = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while changes.changed().await.is_ok() {
+                let Some(cache) = cache.upgrade() else { return };
+                if let Err(err) = cache.reload().await {
+                    tracing::warn!(error = %err, "key cache reload failed; serving the previous keys");
+                }
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_have_the_contract_shape_and_hash() {
+        let s = generate_secret();
+        assert!(s.starts_with("sk-nself-"));
+        let random = &s[SECRET_PREFIX.len()..];
+        assert!(random.len() >= 32 && random.chars().all(|c| c.is_ascii_alphanumeric()));
+        assert_ne!(generate_secret(), s);
+        assert_eq!(
+            hash_secret("abc"),
+            "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn the_bucket_allows_a_burst_of_rpm_then_says_when_to_retry() {
+        let key = CachedKey::new(KeyRecord {
+            id: "k".into(),
+            name: "n".into(),
+            key_prefix: "sk-nself-abc".into(),
+            key_hash: String::new(),
+            is_active: true,
+            admin_allowed: false,
+            rpm_limit: 3,
+            created_at: String::new(),
+            last_used_at: None,
+            revoked_at: None,
+        });
+        for _ in 0..3 {
+            assert!(key.check_rate().is_ok());
+        }
+        let wait = key.check_rate().unwrap_err();
+        assert!(
+            (1..=20).contains(&wait),
+            "one token per 20 s at 3 rpm, got {wait}"
+        );
+    }
+}
