@@ -234,18 +234,22 @@ pub async fn serve(state: Arc<AppState>) -> Result<(), StartError> {
     let addr = state.settings.listen;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|source| StartError::Listen {
-            addr: addr.to_string(),
-            source,
-        })?;
+        .map_err(|source| StartError::Listen { addr: addr.to_string(), source })?;
     tracing::info!(%addr, data_dir = %state.settings.data_dir.display(), "ɳClaw gateway listening (embedded mode)");
+    serve_on(listener, state, shutdown_signal()).await
+}
+
+/// Serves `state` on `listener` until `shutdown` completes.
+pub async fn serve_on(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
     axum::serve(listener, routes(state))
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(shutdown)
         .await
-        .map_err(|source| StartError::Listen {
-            addr: addr.to_string(),
-            source,
-        })
+        .map_err(|source| StartError::Listen { addr, source })
 }
 
 async fn shutdown_signal() {

@@ -14,5 +14,5 @@ pub mod providers;
 pub mod router;
 pub mod routes;
 
-pub use app::{open, routes as http_routes, serve, AppState, StartError};
+pub use app::{open, routes as http_routes, serve, serve_on, AppState, StartError};
 pub use config::ServeArgs;

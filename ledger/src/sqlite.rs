@@ -177,7 +177,9 @@ async fn commit(
     pool: &SqlitePool,
     batch: &[AppendJob],
 ) -> Result<(Vec<Vec<u64>>, u64), sqlx::Error> {
-    let mut tx = pool.begin().await?;
+    // IMMEDIATE: take the write lock up front, so the busy timeout applies instead of a
+    // read snapshot failing to upgrade when the projector committed in between.
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
     let mut all = Vec::with_capacity(batch.len());
     for job in batch {
         let mut offsets = Vec::with_capacity(job.rows.len());

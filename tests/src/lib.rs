@@ -1,3 +1,6 @@
-//! Shared test support: fake upstream providers that speak each provider's real wire format.
+//! Shared test support: fake upstream providers that speak each provider's real wire format,
+//! an in-process gateway harness, and OpenAI schema validation.
 
 pub mod fake_ollama;
+pub mod gateway;
+pub mod openai_schema;

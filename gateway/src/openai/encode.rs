@@ -38,7 +38,6 @@ pub fn completion(
         "object": "chat.completion",
         "created": ids.created,
         "model": ids.model,
-        "system_fingerprint": null,
         "choices": [{
             "index": 0,
             "message": {"role": "assistant", "content": content, "refusal": null},
@@ -79,7 +78,6 @@ pub fn chunk(ids: &CompletionIds, body: &ChunkBody<'_>, include_usage: bool) -> 
         "object": "chat.completion.chunk",
         "created": ids.created,
         "model": ids.model,
-        "system_fingerprint": null,
         "choices": choices,
     });
     if include_usage {

@@ -1,0 +1,184 @@
+//! An in-process gateway for tests: a real `claw_gateway` app on `127.0.0.1:0` with its own
+//! data directory, in front of a fake Ollama, plus helpers to create keys and read what it
+//! wrote to the ledger.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use claw_gateway::{AppState, ServeArgs};
+use claw_ledger::{Envelope, Event, RequestServed, TierFallback};
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+
+use crate::fake_ollama::FakeOllama;
+
+#[derive(Parser)]
+#[command(args_override_self = true)]
+struct Flags {
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+/// A running gateway and its fake Ollama.
+pub struct TestGateway {
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    pub admin_token: String,
+    pub state: Arc<AppState>,
+    pub ollama: FakeOllama,
+    pub http: reqwest::Client,
+    shutdown: Option<oneshot::Sender<()>>,
+    _data: tempfile::TempDir,
+}
+
+impl TestGateway {
+    /// A gateway with default settings.
+    pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// A gateway with extra `nself claw serve` flags.
+    pub async fn start_with(extra: &[&str]) -> Self {
+        let ollama = FakeOllama::start().await;
+        Self::start_in_front_of(ollama, extra).await
+    }
+
+    /// A gateway in front of an existing fake Ollama.
+    pub async fn start_in_front_of(ollama: FakeOllama, extra: &[&str]) -> Self {
+        let data = tempfile::tempdir().expect("temp dir");
+        let data_dir = data.path().display().to_string();
+        let mut args = vec![
+            "serve",
+            "--data-dir",
+            &data_dir,
+            "--ollama-base-url",
+            &ollama.base_url,
+            "--internal-secret",
+            "test-internal-secret",
+            "--first-byte-timeout-ms",
+            "3000",
+        ];
+        args.extend_from_slice(extra);
+        let flags = Flags::try_parse_from(args).expect("valid flags");
+        let state = claw_gateway::open(flags.serve).await.expect("gateway opens");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let (tx, rx) = oneshot::channel::<()>();
+        let serving = state.clone();
+        tokio::spawn(async move {
+            let _ = claw_gateway::serve_on(listener, serving, async {
+                let _ = rx.await;
+            })
+            .await;
+        });
+        Self {
+            url,
+            admin_token: "test-internal-secret".into(),
+            state,
+            ollama,
+            http: reqwest::Client::new(),
+            shutdown: Some(tx),
+            _data: data,
+        }
+    }
+
+    /// Creates a key through the admin API; returns (id, secret).
+    pub async fn create_key(&self, name: &str, rpm: u32, admin: bool) -> (String, String) {
+        let response = self
+            .http
+            .post(format!("{}/claw/v1/api-keys", self.url))
+            .header("x-internal-token", &self.admin_token)
+            .json(&json!({"name": name, "rpm_limit": rpm, "admin_allowed": admin}))
+            .send()
+            .await
+            .expect("admin API answers");
+        assert_eq!(response.status(), 201, "key creation");
+        let body: Value = response.json().await.expect("json");
+        (body["id"].as_str().unwrap_or_default().to_owned(), body["key"].as_str().unwrap_or_default().to_owned())
+    }
+
+    /// `POST /v1/chat/completions` with `key` and `body`.
+    pub async fn chat(&self, key: &str, body: &Value) -> reqwest::Response {
+        self.http
+            .post(format!("{}/v1/chat/completions", self.url))
+            .bearer_auth(key)
+            .json(body)
+            .send()
+            .await
+            .expect("gateway answers")
+    }
+
+    /// An admin `GET`.
+    pub async fn admin_get(&self, path: &str) -> Value {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.url))
+            .header("x-internal-token", &self.admin_token)
+            .send()
+            .await
+            .expect("admin API answers");
+        assert!(response.status().is_success(), "GET {path}: {}", response.status());
+        response.json().await.expect("json")
+    }
+
+    /// Every event in the ledger, in order.
+    pub async fn events(&self) -> Vec<Envelope> {
+        let head = *self.state.ledger.head().borrow();
+        let limit = usize::try_from(head).unwrap_or(usize::MAX).max(1);
+        self.state.ledger.read(0, limit).await.expect("ledger reads").into_iter().map(|r| r.event).collect()
+    }
+
+    /// The `RequestServed` events, in order.
+    pub async fn served(&self) -> Vec<RequestServed> {
+        self.events()
+            .await
+            .into_iter()
+            .filter_map(|e| match e.event {
+                Event::RequestServed(s) => Some(s),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The `TierFallback` events, in order.
+    pub async fn fallbacks(&self) -> Vec<TierFallback> {
+        self.events()
+            .await
+            .into_iter()
+            .filter_map(|e| match e.event {
+                Event::TierFallback(f) => Some(f),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Waits until the projection has folded everything in the ledger (deadline 10 s).
+    pub async fn settle(&self) {
+        let head = *self.state.ledger.head().borrow();
+        if head > 0 {
+            self.state.projector.wait_for(head - 1, Duration::from_secs(10)).await.expect("projection catches up");
+        }
+    }
+
+    /// Waits (deadline 10 s) until the ledger holds `n` `RequestServed` events.
+    pub async fn wait_for_served(&self, n: usize) -> Vec<RequestServed> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let served = self.served().await;
+            if served.len() >= n || tokio::time::Instant::now() > deadline {
+                return served;
+            }
+            let mut head = self.state.ledger.head();
+            let _ = tokio::time::timeout(Duration::from_millis(200), head.changed()).await;
+        }
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
