@@ -4,18 +4,20 @@
 use std::io;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::HeaderValue;
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{delete, get, post};
-use claw_ledger::{EventLog, SqliteLedger};
+use claw_ledger::{Endpoint, EventLog, SqliteLedger};
 use claw_projector::{Projector, ProjectorHandle, ReadModels};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use rand::distr::{Alphanumeric, SampleString};
 use tower_http::trace::TraceLayer;
 
+use crate::accounting::RequestRecord;
 use crate::config::ServeArgs;
 use crate::error::ApiError;
 use crate::exchange::ExchangeDeps;
@@ -42,6 +44,28 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// A fresh accounting record for a request that passed auth and validation.
+    pub fn request_record(
+        &self,
+        key_id: &str,
+        request_id: String,
+        endpoint: Endpoint,
+        model_requested: &str,
+        stream: bool,
+        started: Instant,
+    ) -> RequestRecord {
+        RequestRecord {
+            request_id,
+            key_id: key_id.to_owned(),
+            producer: self.producer.clone(),
+            endpoint,
+            model_requested: model_requested.to_owned(),
+            stream,
+            started,
+            fallbacks: Vec::new(),
+        }
+    }
+
     pub fn exchange_deps(&self) -> ExchangeDeps {
         ExchangeDeps {
             ledger: self.ledger.clone(),
@@ -234,7 +258,10 @@ pub async fn serve(state: Arc<AppState>) -> Result<(), StartError> {
     let addr = state.settings.listen;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|source| StartError::Listen { addr: addr.to_string(), source })?;
+        .map_err(|source| StartError::Listen {
+            addr: addr.to_string(),
+            source,
+        })?;
     tracing::info!(%addr, data_dir = %state.settings.data_dir.display(), "ɳClaw gateway listening (embedded mode)");
     serve_on(listener, state, shutdown_signal()).await
 }
@@ -245,7 +272,10 @@ pub async fn serve_on(
     state: Arc<AppState>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
-    let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     axum::serve(listener, routes(state))
         .with_graceful_shutdown(shutdown)
         .await

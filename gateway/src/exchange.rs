@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use claw_ledger::{EventLog, Provider};
+use futures::future::BoxFuture;
 use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 
@@ -215,6 +216,53 @@ fn chat_request(attempt: &Attempt, messages: &[Message], params: &ChatParams) ->
     }
 }
 
+/// Runs `work` in its own task, so a client that hangs up cannot cancel its accounting, and
+/// returns where its answer will arrive. `work` sees the answer's sender to tell whether the
+/// client is still waiting.
+fn detach<T, W>(work: W) -> oneshot::Receiver<Result<T, ApiError>>
+where
+    T: Send + 'static,
+    W: for<'a> FnOnce(
+            &'a oneshot::Sender<Result<T, ApiError>>,
+        ) -> BoxFuture<'a, Result<T, ApiError>>
+        + Send
+        + 'static,
+{
+    let (tx, rx) = oneshot::channel();
+    tokio::spawn(async move {
+        let answer = work(&tx).await;
+        let _ = tx.send(answer);
+    });
+    rx
+}
+
+/// The outcome of a request the attempt served.
+fn served_outcome(
+    attempt: &Attempt,
+    status: u16,
+    tokens: TokenUsage,
+    tokens_estimated: bool,
+    ttft_ms: Option<u64>,
+) -> Outcome {
+    Outcome {
+        provider: attempt.provider.provider(),
+        model_served: attempt.model.clone(),
+        status,
+        tokens,
+        tokens_estimated,
+        ttft_ms,
+    }
+}
+
+/// 200, or 499 when the client stopped waiting before the answer was ready.
+fn status_for<T>(client: &oneshot::Sender<T>) -> u16 {
+    if client.is_closed() {
+        CLIENT_CLOSED
+    } else {
+        200
+    }
+}
+
 fn completion_ids(request_id: &str, model: &str) -> CompletionIds {
     CompletionIds {
         id: format!("chatcmpl-{request_id}"),
@@ -226,12 +274,7 @@ fn completion_ids(request_id: &str, model: &str) -> CompletionIds {
 impl ChatJob {
     /// Runs the request to completion in its own task and answers with the whole completion.
     pub fn spawn_whole(self) -> oneshot::Receiver<Result<WholeReply, ApiError>> {
-        let (tx, rx) = oneshot::channel();
-        tokio::spawn(async move {
-            let reply = self.whole(&tx).await;
-            let _ = tx.send(reply);
-        });
-        rx
+        detach(move |client| Box::pin(self.whole(client)))
     }
 
     async fn whole(
@@ -274,18 +317,13 @@ impl ChatJob {
             answer.text.chars().count(),
         );
         let provider = won.attempt.provider.provider();
-        let outcome = Outcome {
-            provider,
-            model_served: won.attempt.model.clone(),
-            status: if client.is_closed() {
-                CLIENT_CLOSED
-            } else {
-                200
-            },
+        let outcome = served_outcome(
+            &won.attempt,
+            status_for(client),
             tokens,
             tokens_estimated,
-            ttft_ms: None,
-        };
+            None,
+        );
         record
             .commit(deps.ledger.as_ref(), &outcome)
             .await
@@ -384,14 +422,13 @@ impl ChatJob {
                 let _ = frames.send(send(ChunkBody::Usage(tokens))).await;
             }
         }
-        let outcome = Outcome {
-            provider,
-            model_served: won.attempt.model.clone(),
+        let outcome = served_outcome(
+            &won.attempt,
             status,
             tokens,
             tokens_estimated,
-            ttft_ms: answer.ttft_ms,
-        };
+            answer.ttft_ms,
+        );
         let durable = record.commit(deps.ledger.as_ref(), &outcome).await.is_ok();
         if let Some(err) = failure {
             let _ = frames
@@ -460,12 +497,7 @@ pub struct EmbedReply {
 impl EmbedJob {
     /// Runs the request in its own task.
     pub fn spawn(self) -> oneshot::Receiver<Result<EmbedReply, ApiError>> {
-        let (tx, rx) = oneshot::channel();
-        tokio::spawn(async move {
-            let reply = self.run(&tx).await;
-            let _ = tx.send(reply);
-        });
-        rx
+        detach(move |client| Box::pin(self.run(client)))
     }
 
     async fn run(
@@ -499,18 +531,13 @@ impl EmbedJob {
             0,
         );
         let provider = won.attempt.provider.provider();
-        let outcome = Outcome {
-            provider,
-            model_served: won.attempt.model.clone(),
-            status: if client.is_closed() {
-                CLIENT_CLOSED
-            } else {
-                200
-            },
+        let outcome = served_outcome(
+            &won.attempt,
+            status_for(client),
             tokens,
             tokens_estimated,
-            ttft_ms: None,
-        };
+            None,
+        );
         record
             .commit(deps.ledger.as_ref(), &outcome)
             .await

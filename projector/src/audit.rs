@@ -86,55 +86,17 @@ async fn snapshot(conn: &mut AnyConnection) -> Result<BTreeMap<String, KeyState>
     Ok(out)
 }
 
+/// Every field whose live value differs from the replayed one, as `field: live X != replayed Y`.
 fn differences(live: &KeyState, replayed: &KeyState) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut check = |field: &str, l: String, r: String| {
-        if l != r {
-            out.push(format!("{field}: live {l} != replayed {r}"));
-        }
+    let (Ok(serde_json::Value::Object(l)), Ok(r)) =
+        (serde_json::to_value(live), serde_json::to_value(replayed))
+    else {
+        return vec!["key state could not be compared".to_owned()];
     };
-    check("name", live.name.clone(), replayed.name.clone());
-    check(
-        "revoked",
-        live.revoked.to_string(),
-        replayed.revoked.to_string(),
-    );
-    check(
-        "rpm_limit",
-        live.rpm_limit.to_string(),
-        replayed.rpm_limit.to_string(),
-    );
-    check(
-        "admin_allowed",
-        live.admin_allowed.to_string(),
-        replayed.admin_allowed.to_string(),
-    );
-    check(
-        "requests",
-        live.requests.to_string(),
-        replayed.requests.to_string(),
-    );
-    check(
-        "prompt_tokens",
-        live.prompt_tokens.to_string(),
-        replayed.prompt_tokens.to_string(),
-    );
-    check(
-        "completion_tokens",
-        live.completion_tokens.to_string(),
-        replayed.completion_tokens.to_string(),
-    );
-    check(
-        "total_tokens",
-        live.total_tokens.to_string(),
-        replayed.total_tokens.to_string(),
-    );
-    check(
-        "cost_nanos",
-        live.cost_nanos.to_string(),
-        replayed.cost_nanos.to_string(),
-    );
-    out
+    l.iter()
+        .filter(|(field, value)| r.get(field.as_str()) != Some(*value))
+        .map(|(field, value)| format!("{field}: live {value} != replayed {}", r[field.as_str()]))
+        .collect()
 }
 
 /// Audits `live` against a replay of `log`.

@@ -16,7 +16,6 @@ use futures::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::{body_or_error, check_admin_mode, with_served_by};
-use crate::accounting::RequestRecord;
 use crate::app::{AppState, RequestId};
 use crate::auth::GatewayKey;
 use crate::error::ApiError;
@@ -40,16 +39,14 @@ pub async fn completions(
     let stream = request.is_stream();
     let job = ChatJob {
         deps: state.exchange_deps(),
-        record: RequestRecord {
+        record: state.request_record(
+            &key.record.id,
             request_id,
-            key_id: key.record.id.clone(),
-            producer: state.producer.clone(),
-            endpoint: Endpoint::ChatCompletions,
-            model_requested: request.model.clone(),
+            Endpoint::ChatCompletions,
+            &request.model,
             stream,
             started,
-            fallbacks: Vec::new(),
-        },
+        ),
         plan,
         messages,
         params,

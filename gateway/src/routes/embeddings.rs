@@ -12,7 +12,6 @@ use bytes::Bytes;
 use claw_ledger::Endpoint;
 
 use super::{body_or_error, check_admin_mode, with_served_by};
-use crate::accounting::RequestRecord;
 use crate::app::{AppState, RequestId};
 use crate::auth::GatewayKey;
 use crate::error::ApiError;
@@ -34,16 +33,14 @@ pub async fn create(
     check_admin_mode(&headers, key.record.admin_allowed)?;
     let job = EmbedJob {
         deps: state.exchange_deps(),
-        record: RequestRecord {
+        record: state.request_record(
+            &key.record.id,
             request_id,
-            key_id: key.record.id.clone(),
-            producer: state.producer.clone(),
-            endpoint: Endpoint::Embeddings,
-            model_requested: request.model.clone(),
-            stream: false,
+            Endpoint::Embeddings,
+            &request.model,
+            false,
             started,
-            fallbacks: Vec::new(),
-        },
+        ),
         plan: state.router.embed_plan(&request.model),
         inputs,
     };
