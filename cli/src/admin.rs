@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
@@ -150,18 +151,16 @@ pub async fn keys_revoke(
 pub async fn usage(
     client: &AdminClient,
     key: Option<&str>,
-    since: Option<&str>,
-    until: Option<&str>,
+    since: Option<DateTime<Utc>>,
+    until: Option<DateTime<Utc>>,
     json: bool,
 ) -> Result<ExitCode, CliError> {
-    let now = chrono::Utc::now();
     let mut query: Vec<(&str, String)> = Vec::new();
     if let Some(key) = key {
         query.push(("key_id", key.to_owned()));
     }
     for (name, bound) in [("since", since), ("until", until)] {
-        if let Some(text) = bound {
-            let at = claw_projector::parse_time_bound(text, now).map_err(CliError::Message)?;
+        if let Some(at) = bound {
             query.push((name, claw_ledger::format_time(at)));
         }
     }

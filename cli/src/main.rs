@@ -7,6 +7,7 @@ mod output;
 
 use std::process::ExitCode;
 
+use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand};
 
 use crate::admin::{AdminClient, CliError};
@@ -62,11 +63,11 @@ enum Api {
         #[arg(long = "key")]
         key: Option<String>,
         /// From this time: RFC 3339 or an age such as 24h or 7d.
-        #[arg(long)]
-        since: Option<String>,
+        #[arg(long, value_parser = time_bound)]
+        since: Option<DateTime<Utc>>,
         /// Until this time (exclusive): RFC 3339 or an age.
-        #[arg(long)]
-        until: Option<String>,
+        #[arg(long, value_parser = time_bound)]
+        until: Option<DateTime<Utc>>,
         /// Print the usage document as JSON.
         #[arg(long)]
         json: bool,
@@ -134,9 +135,14 @@ enum Keys {
     },
 }
 
+/// `--since`/`--until`: parsed while parsing arguments, so a bad time is a usage error (exit 2).
+fn time_bound(text: &str) -> Result<DateTime<Utc>, String> {
+    claw_projector::parse_time_bound(text, Utc::now())
+}
+
 fn main() -> ExitCode {
     // A .env in the working directory configures the gateway and the CLI alike.
-    let _ = dotenvy::dotenv();
+    let _ = dotenvy::from_path(".env");
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -179,7 +185,7 @@ async fn run(claw: Claw) -> Result<ExitCode, CliError> {
                 }
                 Api::Keys(Keys::Revoke { id, reason }) => admin::keys_revoke(&client, &id, reason.as_deref()).await,
                 Api::Usage { key, since, until, json } => {
-                    admin::usage(&client, key.as_deref(), since.as_deref(), until.as_deref(), json).await
+                    admin::usage(&client, key.as_deref(), since, until, json).await
                 }
                 Api::Test { key, verbose } => admin::test(&client, key.as_deref(), verbose).await,
                 Api::Events { from, follow, json } => admin::events(&client, from, follow, json).await,
@@ -196,6 +202,7 @@ fn init_logging() {
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if std::env::var("CLAW_LOG_FORMAT").is_ok_and(|f| f == "json") {
         builder.json().init();

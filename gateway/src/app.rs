@@ -26,6 +26,9 @@ use crate::providers::ollama::Ollama;
 use crate::router::Router;
 use crate::routes;
 
+/// How long in-flight requests may run after a shutdown signal.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// What every handler can reach.
 pub struct AppState {
     pub settings: ServeArgs,
@@ -253,7 +256,8 @@ pub fn routes(state: Arc<AppState>) -> axum::Router {
         .with_state(state)
 }
 
-/// Serves `state` on its configured address until Ctrl-C or SIGTERM.
+/// Serves `state` on its configured address until Ctrl-C or SIGTERM, then lets in-flight
+/// requests finish for up to [`SHUTDOWN_GRACE`].
 pub async fn serve(state: Arc<AppState>) -> Result<(), StartError> {
     let addr = state.settings.listen;
     let listener = tokio::net::TcpListener::bind(addr)
@@ -263,7 +267,21 @@ pub async fn serve(state: Arc<AppState>) -> Result<(), StartError> {
             source,
         })?;
     tracing::info!(%addr, data_dir = %state.settings.data_dir.display(), "ɳClaw gateway listening (embedded mode)");
-    serve_on(listener, state, shutdown_signal()).await
+    let (stopping_tx, mut stopping) = tokio::sync::watch::channel(false);
+    let signal = async move {
+        shutdown_signal().await;
+        let _ = stopping_tx.send(true);
+    };
+    tokio::select! {
+        served = serve_on(listener, state, signal) => served,
+        () = async {
+            let _ = stopping.wait_for(|s| *s).await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {
+            tracing::warn!(grace = ?SHUTDOWN_GRACE, "in-flight requests did not finish in time; exiting anyway");
+            Ok(())
+        }
+    }
 }
 
 /// Serves `state` on `listener` until `shutdown` completes.

@@ -61,8 +61,12 @@ impl TestGateway {
         ];
         args.extend_from_slice(extra);
         let flags = Flags::try_parse_from(args).expect("valid flags");
-        let state = claw_gateway::open(flags.serve).await.expect("gateway opens");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let state = claw_gateway::open(flags.serve)
+            .await
+            .expect("gateway opens");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         let (tx, rx) = oneshot::channel::<()>();
         let serving = state.clone();
@@ -95,7 +99,10 @@ impl TestGateway {
             .expect("admin API answers");
         assert_eq!(response.status(), 201, "key creation");
         let body: Value = response.json().await.expect("json");
-        (body["id"].as_str().unwrap_or_default().to_owned(), body["key"].as_str().unwrap_or_default().to_owned())
+        (
+            body["id"].as_str().unwrap_or_default().to_owned(),
+            body["key"].as_str().unwrap_or_default().to_owned(),
+        )
     }
 
     /// `POST /v1/chat/completions` with `key` and `body`.
@@ -118,7 +125,11 @@ impl TestGateway {
             .send()
             .await
             .expect("admin API answers");
-        assert!(response.status().is_success(), "GET {path}: {}", response.status());
+        assert!(
+            response.status().is_success(),
+            "GET {path}: {}",
+            response.status()
+        );
         response.json().await.expect("json")
     }
 
@@ -126,7 +137,14 @@ impl TestGateway {
     pub async fn events(&self) -> Vec<Envelope> {
         let head = *self.state.ledger.head().borrow();
         let limit = usize::try_from(head).unwrap_or(usize::MAX).max(1);
-        self.state.ledger.read(0, limit).await.expect("ledger reads").into_iter().map(|r| r.event).collect()
+        self.state
+            .ledger
+            .read(0, limit)
+            .await
+            .expect("ledger reads")
+            .into_iter()
+            .map(|r| r.event)
+            .collect()
     }
 
     /// The `RequestServed` events, in order.
@@ -157,7 +175,11 @@ impl TestGateway {
     pub async fn settle(&self) {
         let head = *self.state.ledger.head().borrow();
         if head > 0 {
-            self.state.projector.wait_for(head - 1, Duration::from_secs(10)).await.expect("projection catches up");
+            self.state
+                .projector
+                .wait_for(head - 1, Duration::from_secs(10))
+                .await
+                .expect("projection catches up");
         }
     }
 

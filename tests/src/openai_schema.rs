@@ -40,8 +40,12 @@ pub fn validate(name: &str, instance: &Value) -> Result<(), String> {
         "$ref": format!("#/components/schemas/{name}"),
         "components": components(),
     });
-    let validator = jsonschema::validator_for(&schema).map_err(|e| format!("schema {name} does not compile: {e}"))?;
-    let errors: Vec<String> = validator.iter_errors(instance).map(|e| format!("{} at {}", e, e.instance_path())).collect();
+    let validator = jsonschema::validator_for(&schema)
+        .map_err(|e| format!("schema {name} does not compile: {e}"))?;
+    let errors: Vec<String> = validator
+        .iter_errors(instance)
+        .map(|e| format!("{} at {}", e, e.instance_path()))
+        .collect();
     if errors.is_empty() {
         Ok(())
     } else {
@@ -61,7 +65,11 @@ mod tests {
         assert!(validate("ErrorResponse", &bad).is_err());
         let chunk = json!({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
             "choices": [{"index": 0, "delta": {"content": "x"}, "logprobs": null, "finish_reason": null}]});
-        assert!(validate("CreateChatCompletionStreamResponse", &chunk).is_ok(), "{:?}", validate("CreateChatCompletionStreamResponse", &chunk));
+        assert!(
+            validate("CreateChatCompletionStreamResponse", &chunk).is_ok(),
+            "{:?}",
+            validate("CreateChatCompletionStreamResponse", &chunk)
+        );
         let wrong = json!({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
             "choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": "bogus"}]});
         assert!(validate("CreateChatCompletionStreamResponse", &wrong).is_err());

@@ -275,6 +275,8 @@ pub async fn audit(
 }
 
 pub async fn status(_: Admin, State(state): State<Arc<AppState>>) -> Json<Value> {
+    // Ask the upstreams now, so the tier states are current rather than up to 30 s old.
+    state.router.refresh_models().await;
     let models: Vec<String> = state
         .router
         .model_ids()

@@ -15,11 +15,23 @@ async fn the_admin_api_needs_the_internal_token() {
         let response = request.send().await.unwrap();
         assert_eq!(response.status(), 401);
     }
-    let bearer = gw.http.get(format!("{}/claw/v1/api-keys", gw.url)).bearer_auth(&gw.admin_token).send().await.unwrap();
+    let bearer = gw
+        .http
+        .get(format!("{}/claw/v1/api-keys", gw.url))
+        .bearer_auth(&gw.admin_token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(bearer.status(), 200, "Authorization: Bearer works too");
     // A gateway key is not an admin credential.
     let (_, key) = gw.create_key("app", 60, false).await;
-    let response = gw.http.get(format!("{}/claw/v1/usage", gw.url)).bearer_auth(&key).send().await.unwrap();
+    let response = gw
+        .http
+        .get(format!("{}/claw/v1/usage", gw.url))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 401);
 }
 
@@ -27,28 +39,83 @@ async fn the_admin_api_needs_the_internal_token() {
 async fn key_commands_validate_and_list_without_secrets() {
     let gw = TestGateway::start().await;
     let post = |body: Value| {
-        gw.http.post(format!("{}/claw/v1/api-keys", gw.url)).header("x-internal-token", &gw.admin_token).json(&body).send()
+        gw.http
+            .post(format!("{}/claw/v1/api-keys", gw.url))
+            .header("x-internal-token", &gw.admin_token)
+            .json(&body)
+            .send()
     };
-    for bad in [json!({"name": "x", "rpm_limit": 0}), json!({"name": "x", "rpm_limit": 1_000_001}), json!({"name": "  "}), json!({"rpm_limit": 5})] {
+    for bad in [
+        json!({"name": "x", "rpm_limit": 0}),
+        json!({"name": "x", "rpm_limit": 1_000_001}),
+        json!({"name": "  "}),
+        json!({"rpm_limit": 5}),
+    ] {
         let response = post(bad.clone()).await.unwrap();
         assert_eq!(response.status(), 400, "{bad}");
     }
-    assert_eq!(*gw.state.ledger.head().borrow(), 0, "refused commands emit nothing");
+    assert_eq!(
+        *gw.state.ledger.head().borrow(),
+        0,
+        "refused commands emit nothing"
+    );
 
-    let created: Value = post(json!({"name": "ci", "admin_allowed": true, "rpm_limit": 1_000_000})).await.unwrap().json().await.unwrap();
-    let mut fields: Vec<&str> = created.as_object().unwrap().keys().map(String::as_str).collect();
+    let created: Value = post(json!({"name": "ci", "admin_allowed": true, "rpm_limit": 1_000_000}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut fields: Vec<&str> = created
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
     fields.sort_unstable();
-    assert_eq!(fields, ["admin_allowed", "created_at", "id", "key", "key_prefix", "name", "rpm_limit"]);
+    assert_eq!(
+        fields,
+        [
+            "admin_allowed",
+            "created_at",
+            "id",
+            "key",
+            "key_prefix",
+            "name",
+            "rpm_limit"
+        ]
+    );
     let secret = created["key"].as_str().unwrap();
     assert!(secret.starts_with("sk-nself-") && secret.len() >= 9 + 32);
     assert_eq!(created["key_prefix"].as_str().unwrap(), &secret[..12]);
 
     let list = gw.admin_get("/claw/v1/api-keys").await;
     let key = &list["keys"][0];
-    let mut fields: Vec<&str> = key.as_object().unwrap().keys().map(String::as_str).collect();
+    let mut fields: Vec<&str> = key
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
     fields.sort_unstable();
-    assert_eq!(fields, ["admin_allowed", "created_at", "id", "is_active", "key_prefix", "last_used_at", "name", "revoked_at", "rpm_limit"]);
-    assert!(!list.to_string().contains(secret), "secrets never come back");
+    assert_eq!(
+        fields,
+        [
+            "admin_allowed",
+            "created_at",
+            "id",
+            "is_active",
+            "key_prefix",
+            "last_used_at",
+            "name",
+            "revoked_at",
+            "rpm_limit"
+        ]
+    );
+    assert!(
+        !list.to_string().contains(secret),
+        "secrets never come back"
+    );
     assert!(!list.to_string().contains("sha256:"), "nor their hashes");
 
     let unknown = gw
@@ -79,11 +146,21 @@ async fn usage_filters_by_key_and_time_window() {
     let only_a = gw.admin_get(&format!("/claw/v1/usage?key_id={a}")).await;
     assert_eq!(only_a["keys"].as_array().unwrap().len(), 1);
     assert_eq!(only_a["totals"]["requests"], 2);
-    let recent = gw.admin_get(&format!("/claw/v1/usage?key_id={a}&since=1h")).await;
+    let recent = gw
+        .admin_get(&format!("/claw/v1/usage?key_id={a}&since=1h"))
+        .await;
     assert_eq!(recent["totals"]["requests"], 2);
-    let future = gw.admin_get("/claw/v1/usage?since=2999-01-01T00:00:00Z").await;
+    let future = gw
+        .admin_get("/claw/v1/usage?since=2999-01-01T00:00:00Z")
+        .await;
     assert_eq!(future["totals"]["requests"], 0);
-    let bad = gw.http.get(format!("{}/claw/v1/usage?since=yesterday", gw.url)).header("x-internal-token", &gw.admin_token).send().await.unwrap();
+    let bad = gw
+        .http
+        .get(format!("{}/claw/v1/usage?since=yesterday", gw.url))
+        .header("x-internal-token", &gw.admin_token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(bad.status(), 400);
 }
 
@@ -91,7 +168,11 @@ async fn usage_filters_by_key_and_time_window() {
 async fn events_stream_the_ledger_in_order_and_audit_finds_no_drift() {
     let gw = TestGateway::start().await;
     let (_, key) = gw.create_key("app", 60, false).await;
-    gw.chat(&key, &json!({"model": "auto", "messages": [{"role": "user", "content": "hi"}]})).await;
+    gw.chat(
+        &key,
+        &json!({"model": "auto", "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
     gw.wait_for_served(1).await;
     let text = gw
         .http
@@ -103,7 +184,10 @@ async fn events_stream_the_ledger_in_order_and_audit_finds_no_drift() {
         .text()
         .await
         .unwrap();
-    let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 2);
     for (i, line) in lines.iter().enumerate() {
         assert_eq!(line["partition"], 0);
@@ -111,7 +195,10 @@ async fn events_stream_the_ledger_in_order_and_audit_finds_no_drift() {
     }
     assert_eq!(lines[0]["event"]["event_type"], "KeyCreated");
     assert_eq!(lines[1]["event"]["event_type"], "RequestServed");
-    assert!(!text.contains("sk-nself-") || !text.contains(&key), "no secret in the ledger");
+    assert!(
+        !text.contains("sk-nself-") || !text.contains(&key),
+        "no secret in the ledger"
+    );
 
     gw.settle().await;
     let report: Value = gw
@@ -133,14 +220,36 @@ async fn events_stream_the_ledger_in_order_and_audit_finds_no_drift() {
 async fn probes_need_no_auth_and_show_no_secrets() {
     let gw = TestGateway::start().await;
     let (_, key) = gw.create_key("very-secret-name", 60, false).await;
-    gw.chat(&key, &json!({"model": "auto", "messages": [{"role": "user", "content": "hi"}]})).await;
+    gw.chat(
+        &key,
+        &json!({"model": "auto", "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
     for path in ["/healthz", "/readyz", "/metrics"] {
-        let response = gw.http.get(format!("{}{path}", gw.url)).send().await.unwrap();
+        let response = gw
+            .http
+            .get(format!("{}{path}", gw.url))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(response.status(), 200, "{path}");
         assert!(response.headers().contains_key("x-request-id"));
         let text = response.text().await.unwrap();
-        assert!(!text.contains(&key) && !text.contains("very-secret-name") && !text.contains(&gw.admin_token), "{path}: {text}");
+        assert!(
+            !text.contains(&key)
+                && !text.contains("very-secret-name")
+                && !text.contains(&gw.admin_token),
+            "{path}: {text}"
+        );
     }
-    let metrics = gw.http.get(format!("{}/metrics", gw.url)).send().await.unwrap().text().await.unwrap();
+    let metrics = gw
+        .http
+        .get(format!("{}/metrics", gw.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(metrics.contains("claw_requests_total"), "{metrics}");
 }

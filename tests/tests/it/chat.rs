@@ -1,6 +1,7 @@
 //! Chat completions and embeddings through the local tier: OpenAI shapes (validated against
 //! OpenAI's schemas), headers, and what lands in the ledger.
 
+use base64::Engine;
 use claw_ledger::{Endpoint, Provider, Tier};
 use claw_tests::fake_ollama::{Behavior, Count};
 use claw_tests::gateway::TestGateway;
@@ -12,7 +13,11 @@ const REPLY: &str = "Hello from the fake Ollama.";
 /// The `data:` payloads of an SSE body.
 pub fn sse_data(body: &str) -> Vec<String> {
     body.split("\n\n")
-        .filter_map(|event| event.lines().find_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:"))))
+        .filter_map(|event| {
+            event
+                .lines()
+                .find_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:")))
+        })
         .map(|d| d.trim().to_owned())
         .collect()
 }
@@ -44,14 +49,32 @@ async fn a_whole_completion_is_openai_shaped_and_accounted_with_ollamas_counts()
     // What Ollama was sent: its native body, the configured model, the messages as given.
     let sent = gw.ollama.requests().pop().unwrap();
     assert_eq!(sent["model"], "llama3.2");
-    assert_eq!(sent["messages"][0], json!({"role": "system", "content": "be kind"}));
+    assert_eq!(
+        sent["messages"][0],
+        json!({"role": "system", "content": "be kind"})
+    );
     assert_eq!(sent["messages"][1]["content"], "Say hello to the gateway");
 
     let served = gw.wait_for_served(1).await;
     let s = &served[0];
-    assert_eq!(s.request_id, request_id, "x-request-id is the ledger's request_id");
-    assert_eq!((s.endpoint, s.provider, s.tier, s.stream, s.status), (Endpoint::ChatCompletions, Provider::Ollama, Tier::Local, false, 200));
-    assert_eq!((s.model_requested.as_str(), s.model_served.as_str()), ("auto", "llama3.2"));
+    assert_eq!(
+        s.request_id, request_id,
+        "x-request-id is the ledger's request_id"
+    );
+    assert_eq!(
+        (s.endpoint, s.provider, s.tier, s.stream, s.status),
+        (
+            Endpoint::ChatCompletions,
+            Provider::Ollama,
+            Tier::Local,
+            false,
+            200
+        )
+    );
+    assert_eq!(
+        (s.model_requested.as_str(), s.model_served.as_str()),
+        ("auto", "llama3.2")
+    );
     // The fake reports prompt_eval_count = chars/4 of the prompt and eval_count = chunks.
     let prompt_chars = "be kind".len() + "Say hello to the gateway".len();
     assert_eq!(s.prompt_tokens, (prompt_chars / 4) as u64);
@@ -78,11 +101,20 @@ async fn a_stream_relays_chunks_in_openais_format_with_the_usage_chunk_before_do
     body["stream_options"] = json!({"include_usage": true});
     let response = gw.chat(&key, &body).await;
     assert_eq!(response.status(), 200);
-    assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
-    let request_id = response.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert!(response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let request_id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
     let data = sse_data(&response.text().await.unwrap());
     assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
-    let chunks: Vec<Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
     let mut text = String::new();
     for chunk in &chunks {
         validate("CreateChatCompletionStreamResponse", chunk).unwrap();
@@ -97,7 +129,9 @@ async fn a_stream_relays_chunks_in_openais_format_with_the_usage_chunk_before_do
     assert_eq!(finish["choices"][0]["finish_reason"], "stop");
     let last = chunks.last().unwrap();
     assert_eq!(last["choices"], json!([]));
-    assert!(chunks[..chunks.len() - 1].iter().all(|c| c["usage"].is_null()));
+    assert!(chunks[..chunks.len() - 1]
+        .iter()
+        .all(|c| c["usage"].is_null()));
 
     let served = gw.wait_for_served(1).await;
     assert_eq!(served[0].request_id, request_id);
@@ -125,7 +159,11 @@ async fn a_stream_without_include_usage_has_no_usage_field_but_is_still_accounte
 #[tokio::test]
 async fn missing_ollama_counts_are_estimated_and_marked() {
     let gw = TestGateway::start().await;
-    gw.ollama.set_behavior(Behavior { prompt_eval_count: Count::Omit, eval_count: Count::Omit, ..Behavior::default() });
+    gw.ollama.set_behavior(Behavior {
+        prompt_eval_count: Count::Omit,
+        eval_count: Count::Omit,
+        ..Behavior::default()
+    });
     let (_, key) = gw.create_key("app", 60, false).await;
     assert_eq!(gw.chat(&key, &hello(false)).await.status(), 200);
     let s = &gw.wait_for_served(1).await[0];
@@ -143,10 +181,19 @@ async fn sampling_settings_reach_ollama_as_native_options() {
     let response = gw.chat(&key, &body).await;
     assert_eq!(response.status(), 200);
     let reply: Value = response.json().await.unwrap();
-    assert_eq!(reply["choices"][0]["finish_reason"], "length", "the fake stops at num_predict words");
+    assert_eq!(
+        reply["choices"][0]["finish_reason"], "length",
+        "the fake stops at num_predict words"
+    );
     let sent = gw.ollama.requests().pop().unwrap();
-    assert_eq!(sent["model"], "llama3.2", "an Ollama-listed model is served as asked");
-    assert_eq!(sent["options"], json!({"temperature": 0.3, "num_predict": 2, "stop": ["\n"], "seed": 7}));
+    assert_eq!(
+        sent["model"], "llama3.2",
+        "an Ollama-listed model is served as asked"
+    );
+    assert_eq!(
+        sent["options"],
+        json!({"temperature": 0.3, "num_predict": 2, "stop": ["\n"], "seed": 7})
+    );
     assert_eq!(sent["format"], "json");
 }
 
@@ -155,9 +202,19 @@ async fn embeddings_come_as_floats_or_base64_and_are_accounted() {
     let gw = TestGateway::start().await;
     let (_, key) = gw.create_key("app", 60, false).await;
     let post = |body: Value| {
-        gw.http.post(format!("{}/v1/embeddings", gw.url)).bearer_auth(&key).json(&body).send()
+        gw.http
+            .post(format!("{}/v1/embeddings", gw.url))
+            .bearer_auth(&key)
+            .json(&body)
+            .send()
     };
-    let floats: Value = post(json!({"model": "text-embedding-3-small", "input": ["alpha", "beta"]})).await.unwrap().json().await.unwrap();
+    let floats: Value =
+        post(json!({"model": "text-embedding-3-small", "input": ["alpha", "beta"]}))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
     validate("CreateEmbeddingResponse", &floats).unwrap();
     assert_eq!(floats["data"].as_array().unwrap().len(), 2);
     assert_eq!(floats["data"][1]["index"], 1);
@@ -165,7 +222,11 @@ async fn embeddings_come_as_floats_or_base64_and_are_accounted() {
     let first: Vec<f32> = serde_json::from_value(floats["data"][0]["embedding"].clone()).unwrap();
     assert_eq!(first.len(), 8);
 
-    let response = post(json!({"model": "text-embedding-3-small", "input": "alpha", "encoding_format": "base64"})).await.unwrap();
+    let response = post(
+        json!({"model": "text-embedding-3-small", "input": "alpha", "encoding_format": "base64"}),
+    )
+    .await
+    .unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["x-nself-provider"], "ollama");
     let b64: Value = response.json().await.unwrap();
@@ -173,26 +234,54 @@ async fn embeddings_come_as_floats_or_base64_and_are_accounted() {
         // OpenAI's schema types `embedding` as an array; base64 is the documented alternative.
         assert!(b64["data"][0]["embedding"].is_string());
     });
-    use base64::Engine;
-    let bytes = base64::engine::general_purpose::STANDARD.decode(b64["data"][0]["embedding"].as_str().unwrap()).unwrap();
-    let decoded: Vec<f32> = bytes.chunks(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64["data"][0]["embedding"].as_str().unwrap())
+        .unwrap();
+    let decoded: Vec<f32> = bytes
+        .chunks(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
     assert_eq!(decoded, first, "same text, same vector, either encoding");
 
     let served = gw.wait_for_served(2).await;
-    assert!(served.iter().all(|s| s.endpoint == Endpoint::Embeddings && s.completion_tokens == 0 && s.prompt_tokens > 0));
+    assert!(served.iter().all(|s| s.endpoint == Endpoint::Embeddings
+        && s.completion_tokens == 0
+        && s.prompt_tokens > 0));
 }
 
 #[tokio::test]
 async fn models_lists_the_aliases_and_ollamas_tags() {
     let gw = TestGateway::start().await;
     let (_, key) = gw.create_key("app", 60, false).await;
-    let response = gw.http.get(format!("{}/v1/models", gw.url)).bearer_auth(&key).send().await.unwrap();
+    let response = gw
+        .http
+        .get(format!("{}/v1/models", gw.url))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
     let body: Value = response.json().await.unwrap();
     validate("ListModelsResponse", &body).unwrap();
-    let ids: Vec<&str> = body["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
-    for id in ["auto", "local", "gpt-4o", "gemini-1.5-flash", "claude-3-5-sonnet", "llama3.2:latest", "nomic-embed-text:latest"] {
+    let ids: Vec<&str> = body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    for id in [
+        "auto",
+        "local",
+        "gpt-4o",
+        "gemini-1.5-flash",
+        "claude-3-5-sonnet",
+        "llama3.2:latest",
+        "nomic-embed-text:latest",
+    ] {
         assert!(ids.contains(&id), "{id} missing from {ids:?}");
     }
-    assert!(gw.served().await.is_empty(), "listing models is not a routed request");
+    assert!(
+        gw.served().await.is_empty(),
+        "listing models is not a routed request"
+    );
 }

@@ -18,16 +18,26 @@ async fn ollama_down_is_503_for_auto_with_a_fallback_event_and_502_when_forced()
     let ollama = FakeOllama::start().await;
     let gw = TestGateway::start_in_front_of(ollama, &[]).await;
     let (_, key) = gw.create_key("app", 60, false).await;
-    gw.ollama.set_behavior(Behavior { fail_status: Some(500), ..Behavior::default() });
+    gw.ollama.set_behavior(Behavior {
+        fail_status: Some(500),
+        ..Behavior::default()
+    });
 
     let response = gw.chat(&key, &ask("auto", false)).await;
     assert_eq!(response.status(), 503);
-    let request_id = response.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let request_id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
     let error: Value = response.json().await.unwrap();
     assert_eq!(error["error"]["code"], "no_tier_available");
 
     let response = gw.chat(&key, &ask("local", true)).await;
-    assert_eq!(response.status(), 502, "a forced provider that fails is 502, even for streams");
+    assert_eq!(
+        response.status(),
+        502,
+        "a forced provider that fails is 502, even for streams"
+    );
     let error: Value = response.json().await.unwrap();
     assert_eq!(error["error"]["code"], "upstream_error");
 
@@ -65,7 +75,10 @@ async fn an_unreachable_ollama_is_unavailable() {
 async fn a_stalled_upstream_times_out_before_the_first_byte() {
     let gw = TestGateway::start_with(&["--first-byte-timeout-ms", "300"]).await;
     let (_, key) = gw.create_key("app", 60, false).await;
-    gw.ollama.set_behavior(Behavior { first_byte_delay: Duration::from_secs(5), ..Behavior::default() });
+    gw.ollama.set_behavior(Behavior {
+        first_byte_delay: Duration::from_secs(5),
+        ..Behavior::default()
+    });
     let response = gw.chat(&key, &ask("auto", false)).await;
     assert_eq!(response.status(), 503);
     assert_eq!(gw.fallbacks().await[0].reason, FallbackReason::Timeout);
@@ -75,15 +88,24 @@ async fn a_stalled_upstream_times_out_before_the_first_byte() {
 async fn a_stream_that_stalls_midway_ends_with_an_error_event_and_is_accounted() {
     let gw = TestGateway::start_with(&["--first-byte-timeout-ms", "300"]).await;
     let (_, key) = gw.create_key("app", 60, false).await;
-    gw.ollama.set_behavior(Behavior { hang_after_chunks: Some(2), ..Behavior::default() });
+    gw.ollama.set_behavior(Behavior {
+        hang_after_chunks: Some(2),
+        ..Behavior::default()
+    });
     let response = gw.chat(&key, &ask("auto", true)).await;
     assert_eq!(response.status(), 200, "the stream had started");
     let body = response.text().await.unwrap();
-    assert!(!body.contains("[DONE]"), "an incomplete stream must not claim completion");
+    assert!(
+        !body.contains("[DONE]"),
+        "an incomplete stream must not claim completion"
+    );
     assert!(body.contains("upstream_error"), "{body}");
     let served = gw.wait_for_served(1).await;
     assert_eq!(served[0].status, 502);
-    assert!(served[0].completion_tokens > 0, "what was generated is accounted");
+    assert!(
+        served[0].completion_tokens > 0,
+        "what was generated is accounted"
+    );
     assert!(served[0].tokens_estimated);
 }
 
@@ -101,13 +123,19 @@ async fn a_client_that_hangs_up_mid_stream_is_still_accounted() {
     let mut body = response.bytes_stream();
     let mut seen = String::new();
     while !seen.contains(" two") {
-        seen.push_str(&String::from_utf8_lossy(&body.next().await.unwrap().unwrap()));
+        seen.push_str(&String::from_utf8_lossy(
+            &body.next().await.unwrap().unwrap(),
+        ));
     }
     drop(body); // the client goes away after two words
     let served = gw.wait_for_served(1).await;
     assert_eq!(served.len(), 1);
     assert_eq!(served[0].status, 499);
-    assert!(served[0].completion_tokens >= 1 && served[0].completion_tokens < 10, "{:?}", served[0]);
+    assert!(
+        served[0].completion_tokens >= 1 && served[0].completion_tokens < 10,
+        "{:?}",
+        served[0]
+    );
     gw.settle().await;
     let usage = gw.admin_get("/claw/v1/usage").await;
     assert_eq!(usage["totals"]["requests"], 1);
@@ -117,7 +145,10 @@ async fn a_client_that_hangs_up_mid_stream_is_still_accounted() {
 async fn auto_spills_past_local_capacity_instead_of_queueing() {
     let gw = TestGateway::start_with(&["--ollama-max-inflight", "1"]).await;
     let (_, key) = gw.create_key("app", 60, false).await;
-    gw.ollama.set_behavior(Behavior { chunk_delay: Duration::from_millis(150), ..Behavior::default() });
+    gw.ollama.set_behavior(Behavior {
+        chunk_delay: Duration::from_millis(150),
+        ..Behavior::default()
+    });
     let body = ask("auto", false);
     let slow = gw.chat(&key, &body);
     let second = async {
@@ -126,7 +157,11 @@ async fn auto_spills_past_local_capacity_instead_of_queueing() {
     };
     let (first, second) = tokio::join!(slow, second);
     assert_eq!(first.status(), 200);
-    assert_eq!(second.status(), 503, "nothing beyond local is configured, so the spill finds no tier");
+    assert_eq!(
+        second.status(),
+        503,
+        "nothing beyond local is configured, so the spill finds no tier"
+    );
     let fallbacks = gw.fallbacks().await;
     assert_eq!(fallbacks.len(), 1);
     assert_eq!(fallbacks[0].reason, FallbackReason::Capacity);
