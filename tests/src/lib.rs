@@ -1,6 +1,9 @@
 //! Shared test support: fake upstream providers that speak each provider's real wire format,
 //! an in-process gateway harness, and OpenAI schema validation.
 
+pub mod fake_anthropic;
+pub mod fake_gemini;
 pub mod fake_ollama;
+pub mod fake_openai;
 pub mod gateway;
 pub mod openai_schema;

@@ -1,9 +1,11 @@
 //! What every HTTP provider shares: the client with the gateway's timeouts, sending a request
 //! with a first-byte deadline, turning transport failures and error statuses into
-//! [`ProviderError`]s, and reading a newline-delimited JSON body as a stream.
+//! [`ProviderError`]s, and reading a streamed body (newline-delimited JSON or Server-Sent
+//! Events).
 
 use std::time::Duration;
 
+use eventsource_stream::Eventsource;
 use futures::{Stream, StreamExt, TryStreamExt};
 use serde_json::Value;
 use tokio_util::codec::{FramedRead, LinesCodec};
@@ -98,6 +100,19 @@ impl Upstream {
             provider: self.name,
             message: message.into(),
         }
+    }
+
+    /// The body as Server-Sent Events: `(event name, data)` pairs, `event` empty when unnamed.
+    pub fn sse(
+        &self,
+        response: reqwest::Response,
+    ) -> impl Stream<Item = Result<(String, String), ProviderError>> + Send + use<> {
+        let this = self.clone();
+        response.bytes_stream().eventsource().map(move |event| {
+            event
+                .map(|e| (e.event, e.data))
+                .map_err(|e| this.protocol(format!("event stream broke: {e}")))
+        })
     }
 
     /// The body as a stream of JSON values, one per non-empty line.

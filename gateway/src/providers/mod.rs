@@ -2,8 +2,11 @@
 //! listing, one adapter per upstream wire protocol, all yielding the same [`ChatEvent`]s so a
 //! single encoder writes OpenAI's format to the client.
 
+pub mod anthropic;
+pub mod gemini;
 pub mod http;
 pub mod ollama;
+pub mod openai;
 
 use std::pin::Pin;
 

@@ -1,0 +1,1 @@
+//! Placeholder: the openai adapter is being written.

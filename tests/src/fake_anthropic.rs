@@ -1,0 +1,1 @@
+//! Placeholder: the fake anthropic is being written.

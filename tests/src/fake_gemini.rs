@@ -1,0 +1,1 @@
+//! Placeholder: the fake gemini is being written.

@@ -1,0 +1,1 @@
+//! Placeholder: the fake openai is being written.
