@@ -31,7 +31,7 @@ enum Top {
 enum Claw {
     /// Run the gateway. With no Kafka/PostgreSQL configured it runs embedded: ledger and read
     /// models in one SQLite file under CLAW_DATA_DIR, projector in-process.
-    Serve(claw_gateway::ServeArgs),
+    Serve(Box<claw_gateway::ServeArgs>),
     /// Run the projector as its own service (distributed mode: Kafka → PostgreSQL).
     Projector,
     /// Manage and inspect a running gateway through its admin API.
@@ -169,7 +169,7 @@ async fn run(claw: Claw) -> Result<ExitCode, CliError> {
     match claw {
         Claw::Serve(settings) => {
             init_logging();
-            let state = claw_gateway::open(settings).await.map_err(|e| CliError::Message(e.to_string()))?;
+            let state = claw_gateway::open(*settings).await.map_err(|e| CliError::Message(e.to_string()))?;
             claw_gateway::serve(state).await.map_err(|e| CliError::Message(e.to_string()))?;
             Ok(ExitCode::SUCCESS)
         }

@@ -47,6 +47,7 @@ pub struct Outcome {
     pub tokens: TokenUsage,
     pub tokens_estimated: bool,
     pub ttft_ms: Option<u64>,
+    pub cost_usd: Decimal,
 }
 
 impl RequestRecord {
@@ -94,7 +95,7 @@ impl RequestRecord {
             completion_tokens: outcome.tokens.completion_tokens,
             total_tokens: outcome.tokens.total_tokens,
             tokens_estimated: outcome.tokens_estimated,
-            cost_usd: Decimal::ZERO,
+            cost_usd: outcome.cost_usd,
             latency_ms,
             ttft_ms: outcome.ttft_ms,
             session_id: None,

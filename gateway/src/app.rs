@@ -22,8 +22,12 @@ use crate::config::ServeArgs;
 use crate::error::ApiError;
 use crate::exchange::ExchangeDeps;
 use crate::keys::KeyCache;
+use crate::pricing::{PriceError, PriceTable};
+use crate::providers::anthropic::Anthropic;
+use crate::providers::gemini::Gemini;
 use crate::providers::ollama::Ollama;
-use crate::router::Router;
+use crate::providers::openai::OpenAi;
+use crate::router::{Backend, ModelChoices, Router};
 use crate::routes;
 
 /// How long in-flight requests may run after a shutdown signal.
@@ -42,6 +46,8 @@ pub struct AppState {
     /// This instance's name in the ledger's `producer` field.
     pub producer: String,
     pub metrics: PrometheusHandle,
+    /// What paid models cost.
+    pub prices: Arc<PriceTable>,
     /// Unix seconds at start, shown as `created` of listed models.
     pub started_at: i64,
 }
@@ -71,6 +77,7 @@ impl AppState {
 
     pub fn exchange_deps(&self) -> ExchangeDeps {
         ExchangeDeps {
+            prices: self.prices.clone(),
             ledger: self.ledger.clone(),
             idle_timeout: self.settings.timeouts().first_byte,
         }
@@ -90,6 +97,8 @@ pub enum StartError {
     Http(#[from] reqwest::Error),
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: String, source: io::Error },
+    #[error(transparent)]
+    Prices(#[from] PriceError),
     #[error("{0}")]
     Unsupported(String),
 }
@@ -169,6 +178,53 @@ fn producer_name() -> String {
     format!("{host}:{}", std::process::id())
 }
 
+/// The tiers as configured: Ollama always; Gemini, OpenAI and Anthropic when their keys are set.
+fn tiers(settings: &ServeArgs, timeouts: crate::config::Timeouts) -> Result<Router, StartError> {
+    let ollama = Backend::new(Arc::new(Ollama::new(&settings.ollama_base_url, timeouts)?));
+    let gemini_keys = settings.gemini_keys();
+    let gemini = if gemini_keys.is_empty() {
+        None
+    } else {
+        let pool = Gemini::new(
+            &settings.gemini_base_url,
+            gemini_keys,
+            settings.gemini_account_rpm,
+            timeouts,
+        )?;
+        Some(Backend::new(Arc::new(pool)))
+    };
+    let openai = ServeArgs::present(settings.openai_api_key.as_ref())
+        .map(|key| OpenAi::new(&settings.openai_base_url, key, timeouts))
+        .transpose()?
+        .map(|p| Backend::new(Arc::new(p)));
+    let anthropic = ServeArgs::present(settings.anthropic_api_key.as_ref())
+        .map(|key| Anthropic::new(&settings.anthropic_base_url, key, timeouts))
+        .transpose()?
+        .map(|p| Backend::new(Arc::new(p)));
+    let models = ModelChoices {
+        ollama: settings.ollama_model.clone(),
+        ollama_embed: settings.ollama_embed_model.clone(),
+        gemini: settings.gemini_model.clone(),
+        openai: settings.openai_model.clone(),
+        openai_embed: settings.openai_embed_model.clone(),
+        anthropic: settings.anthropic_model.clone(),
+    };
+    tracing::info!(
+        free_gemini_accounts = settings.gemini_keys().len(),
+        openai = openai.is_some(),
+        anthropic = anthropic.is_some(),
+        "tiers configured"
+    );
+    Ok(Router::new(
+        ollama,
+        gemini,
+        openai,
+        anthropic,
+        models,
+        settings.ollama_max_inflight.0,
+    ))
+}
+
 /// Opens everything the gateway needs (embedded mode) and returns its state.
 pub async fn open(settings: ServeArgs) -> Result<Arc<AppState>, StartError> {
     if settings.kafka_brokers.is_some() || settings.database_url.is_some() {
@@ -182,21 +238,19 @@ pub async fn open(settings: ServeArgs) -> Result<Arc<AppState>, StartError> {
     })?;
     let admin_token = internal_secret(&settings)?;
     let db = settings.database_file();
-    let ledger: Arc<dyn EventLog> = Arc::new(SqliteLedger::open(&db).await?);
-    let store = ReadModels::open_sqlite(&db).await?;
+    let embedded = SqliteLedger::open(&db).await?;
+    let store = ReadModels::open_sqlite(&db)
+        .await?
+        .with_write_gate(embedded.write_gate());
+    let ledger: Arc<dyn EventLog> = Arc::new(embedded);
     let projector = Projector::new(ledger.clone(), store.clone())
         .spawn()
         .await?;
     let keys = KeyCache::load(store.clone()).await?;
     keys.follow(projector.key_changes());
     let timeouts = settings.timeouts();
-    let ollama = Arc::new(Ollama::new(&settings.ollama_base_url, timeouts)?);
-    let router = Arc::new(Router::new(
-        ollama,
-        settings.ollama_model.clone(),
-        settings.ollama_embed_model.clone(),
-        settings.ollama_max_inflight.0,
-    ));
+    let router = Arc::new(tiers(&settings, timeouts)?);
+    let prices = Arc::new(PriceTable::load(settings.prices_file.as_deref())?);
     router.refresh_models().await;
     router.follow_models();
     Ok(Arc::new(AppState {
@@ -209,6 +263,7 @@ pub async fn open(settings: ServeArgs) -> Result<Arc<AppState>, StartError> {
         admin_token,
         producer: producer_name(),
         metrics: metrics_handle(),
+        prices,
         started_at: chrono::Utc::now().timestamp(),
     }))
 }
@@ -266,6 +321,7 @@ pub async fn serve(state: Arc<AppState>) -> Result<(), StartError> {
             addr: addr.to_string(),
             source,
         })?;
+    let addr = listener.local_addr().unwrap_or(addr);
     tracing::info!(%addr, data_dir = %state.settings.data_dir.display(), "ɳClaw gateway listening (embedded mode)");
     let (stopping_tx, mut stopping) = tokio::sync::watch::channel(false);
     let signal = async move {
@@ -294,6 +350,12 @@ pub async fn serve_on(
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
+    // Stream chunks must leave at once, not wait for the client's delayed ACK (Nagle).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(err) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %err, "could not set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, routes(state))
         .with_graceful_shutdown(shutdown)
         .await

@@ -73,6 +73,80 @@ pub struct ServeArgs {
     #[arg(long, env = "OLLAMA_MAX_INFLIGHT", default_value = "4")]
     pub ollama_max_inflight: LocalCapacity,
 
+    /// Free Gemini accounts (comma-separated API keys); set → the `free_gemini` tier is on.
+    #[arg(
+        long,
+        env = "GEMINI_API_KEYS",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
+    pub gemini_api_keys: Vec<String>,
+
+    /// Gemini's native API.
+    #[arg(
+        long,
+        env = "GEMINI_BASE_URL",
+        default_value = "https://generativelanguage.googleapis.com"
+    )]
+    pub gemini_base_url: String,
+
+    /// The Gemini model `auto` uses.
+    #[arg(long, env = "GEMINI_MODEL", default_value = "gemini-1.5-flash")]
+    pub gemini_model: String,
+
+    /// Requests per minute the gateway allows itself per Gemini account, so it rotates before
+    /// Google answers 429.
+    #[arg(long, env = "GEMINI_ACCOUNT_RPM", default_value_t = 15, value_parser = clap::value_parser!(u32).range(1..))]
+    pub gemini_account_rpm: u32,
+
+    /// Paid OpenAI key; set → OpenAI is part of the `api_key` tier.
+    #[arg(long, env = "OPENAI_API_KEY", hide_env_values = true)]
+    pub openai_api_key: Option<String>,
+
+    /// OpenAI's API (or a compatible server).
+    #[arg(
+        long,
+        env = "OPENAI_BASE_URL",
+        default_value = "https://api.openai.com/v1"
+    )]
+    pub openai_base_url: String,
+
+    /// The OpenAI model `auto` uses on the paid tier.
+    #[arg(long, env = "OPENAI_MODEL", default_value = "gpt-4o")]
+    pub openai_model: String,
+
+    /// The OpenAI model for embeddings when Ollama cannot serve them.
+    #[arg(
+        long,
+        env = "OPENAI_EMBED_MODEL",
+        default_value = "text-embedding-3-small"
+    )]
+    pub openai_embed_model: String,
+
+    /// Paid Anthropic key; set → Anthropic is part of the `api_key` tier (after OpenAI).
+    #[arg(long, env = "ANTHROPIC_API_KEY", hide_env_values = true)]
+    pub anthropic_api_key: Option<String>,
+
+    /// Anthropic's API.
+    #[arg(
+        long,
+        env = "ANTHROPIC_BASE_URL",
+        default_value = "https://api.anthropic.com"
+    )]
+    pub anthropic_base_url: String,
+
+    /// The Anthropic model that the alias `claude-3-5-sonnet` and `auto` use.
+    #[arg(
+        long,
+        env = "ANTHROPIC_MODEL",
+        default_value = "claude-3-5-sonnet-latest"
+    )]
+    pub anthropic_model: String,
+
+    /// A JSON price table (USD per million tokens) that overrides the shipped one.
+    #[arg(long, env = "CLAW_PRICES_FILE")]
+    pub prices_file: Option<PathBuf>,
+
     /// Request bodies larger than this get 413.
     #[arg(long, env = "CLAW_MAX_BODY_BYTES", default_value_t = 10_485_760)]
     pub max_body_bytes: usize,
@@ -105,6 +179,20 @@ impl ServeArgs {
             first_byte: Duration::from_millis(self.first_byte_timeout_ms),
             total: Duration::from_millis(self.total_timeout_ms),
         }
+    }
+
+    /// The configured Gemini accounts (blank entries dropped).
+    pub fn gemini_keys(&self) -> Vec<String> {
+        self.gemini_api_keys
+            .iter()
+            .map(|k| k.trim().to_owned())
+            .filter(|k| !k.is_empty())
+            .collect()
+    }
+
+    /// A setting that is present and not blank.
+    pub fn present(value: Option<&String>) -> Option<&str> {
+        value.map(|v| v.trim()).filter(|v| !v.is_empty())
     }
 
     /// The embedded database file.

@@ -7,7 +7,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use claw_ledger::{EventLog, Provider};
+use claw_ledger::{EventLog, FallbackReason, Provider};
 use futures::future::BoxFuture;
 use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
@@ -15,11 +15,12 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 use crate::accounting::{settle_tokens, Outcome, RequestRecord};
 use crate::error::ApiError;
 use crate::openai::encode::{self, ChunkBody, CompletionIds, TokenUsage};
+use crate::pricing::PriceTable;
 use crate::providers::{
     ChatEvent, ChatParams, ChatRequest, ChatStream, Embeddings, FinishReason, Message,
     ProviderError, Usage,
 };
-use crate::router::{Attempt, TierPlan};
+use crate::router::{Attempt, Skip, TierPlan};
 
 /// Frames queued for a streaming client at most (backpressure beyond).
 const STREAM_BUFFER: usize = 64;
@@ -32,6 +33,8 @@ pub struct ExchangeDeps {
     pub ledger: Arc<dyn EventLog>,
     /// Longest wait for the next upstream chunk.
     pub idle_timeout: Duration,
+    /// What paid models cost.
+    pub prices: Arc<PriceTable>,
 }
 
 /// The attempt that succeeded, with what it produced and the capacity slot it holds.
@@ -56,19 +59,35 @@ where
     let mut last: Option<(Attempt, ProviderError)> = None;
     for (i, attempt) in plan.attempts.iter().enumerate() {
         let next_tier = plan.attempts.get(i + 1).map(Attempt::tier);
-        let provider = attempt.provider.provider();
-        let Ok(permit) = attempt.admit(plan.forced).await else {
-            let detail = format!("{} is at capacity", provider.as_str());
-            record.fall_through(
-                provider,
-                next_tier,
-                claw_ledger::FallbackReason::Capacity,
-                detail.clone(),
-            );
-            failures.push(detail);
-            continue;
+        let provider = attempt.provider();
+        let permit = match attempt.admit(plan.forced).await {
+            Ok(permit) => permit,
+            Err(skip) => {
+                let (reason, detail) = match skip {
+                    Skip::Full => (
+                        FallbackReason::Capacity,
+                        format!("{} is at capacity", provider.as_str()),
+                    ),
+                    Skip::Down(retry) => (
+                        FallbackReason::Unavailable,
+                        format!(
+                            "{} is marked down after repeated failures; next probe in {} s",
+                            provider.as_str(),
+                            retry.as_secs().max(1)
+                        ),
+                    ),
+                };
+                record.fall_through(provider, next_tier, reason, detail.clone());
+                failures.push(detail);
+                continue;
+            }
         };
-        match call(attempt.clone()).await {
+        let result = call(attempt.clone()).await;
+        match &result {
+            Err(err) if err.signals_down() => attempt.backend.circuit.failed(),
+            _ => attempt.backend.circuit.succeeded(),
+        }
+        match result {
             Ok(value) => {
                 return Ok(Won {
                     attempt: attempt.clone(),
@@ -129,7 +148,7 @@ async fn account_failure(
     attempted: Option<Attempt>,
 ) -> ApiError {
     let (provider, model_served) = attempted.map_or((Provider::Ollama, String::new()), |a| {
-        (a.provider.provider(), a.model)
+        (a.provider(), a.model)
     });
     let outcome = Outcome {
         provider,
@@ -138,6 +157,7 @@ async fn account_failure(
         tokens: TokenUsage::default(),
         tokens_estimated: false,
         ttft_ms: None,
+        cost_usd: rust_decimal::Decimal::ZERO,
     };
     // The client gets the upstream error either way; a ledger failure is logged by commit.
     let _ = record.commit(deps.ledger.as_ref(), &outcome).await;
@@ -237,20 +257,26 @@ where
 }
 
 /// The outcome of a request the attempt served.
-fn served_outcome(
-    attempt: &Attempt,
-    status: u16,
-    tokens: TokenUsage,
-    tokens_estimated: bool,
-    ttft_ms: Option<u64>,
-) -> Outcome {
-    Outcome {
-        provider: attempt.provider.provider(),
-        model_served: attempt.model.clone(),
-        status,
-        tokens,
-        tokens_estimated,
-        ttft_ms,
+impl ExchangeDeps {
+    /// The outcome of a request the attempt served, priced.
+    fn outcome(
+        &self,
+        attempt: &Attempt,
+        status: u16,
+        tokens: TokenUsage,
+        tokens_estimated: bool,
+        ttft_ms: Option<u64>,
+    ) -> Outcome {
+        let provider = attempt.provider();
+        Outcome {
+            provider,
+            model_served: attempt.model.clone(),
+            status,
+            tokens,
+            tokens_estimated,
+            ttft_ms,
+            cost_usd: self.prices.cost(provider, &attempt.model, tokens),
+        }
     }
 }
 
@@ -294,6 +320,7 @@ impl ChatJob {
         // Nothing reaches the client before the answer is complete, so any failure falls through.
         let won = run_plan(&plan, &mut record, |attempt| async move {
             let mut stream = attempt
+                .backend
                 .provider
                 .chat(&chat_request(&attempt, messages, params))
                 .await?;
@@ -316,8 +343,8 @@ impl ChatJob {
             crate::accounting::prompt_chars(messages),
             answer.text.chars().count(),
         );
-        let provider = won.attempt.provider.provider();
-        let outcome = served_outcome(
+        let provider = won.attempt.provider();
+        let outcome = deps.outcome(
             &won.attempt,
             status_for(client),
             tokens,
@@ -361,6 +388,7 @@ impl ChatJob {
         // has reached the client and the next tier may still take over.
         let won = run_plan(&plan, &mut record, |attempt| async move {
             let mut stream = attempt
+                .backend
                 .provider
                 .chat(&chat_request(&attempt, messages_ref, params_ref))
                 .await?;
@@ -383,7 +411,7 @@ impl ChatJob {
             }
         };
         let (first, upstream) = won.value;
-        let provider = won.attempt.provider.provider();
+        let provider = won.attempt.provider();
         let ids = completion_ids(&record.request_id, &won.attempt.model);
         let (frames, rx) = mpsc::channel(STREAM_BUFFER);
         let mut client_open = start
@@ -422,7 +450,7 @@ impl ChatJob {
                 let _ = frames.send(send(ChunkBody::Usage(tokens))).await;
             }
         }
-        let outcome = served_outcome(
+        let outcome = deps.outcome(
             &won.attempt,
             status,
             tokens,
@@ -512,7 +540,11 @@ impl EmbedJob {
         } = self;
         let inputs_ref = &inputs;
         let won = run_plan(&plan, &mut record, |attempt| async move {
-            attempt.provider.embed(&attempt.model, inputs_ref).await
+            attempt
+                .backend
+                .provider
+                .embed(&attempt.model, inputs_ref)
+                .await
         })
         .await;
         let won = match won {
@@ -530,8 +562,8 @@ impl EmbedJob {
             chars,
             0,
         );
-        let provider = won.attempt.provider.provider();
-        let outcome = served_outcome(
+        let provider = won.attempt.provider();
+        let outcome = deps.outcome(
             &won.attempt,
             status_for(client),
             tokens,

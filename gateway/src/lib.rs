@@ -5,11 +5,13 @@
 pub mod accounting;
 pub mod app;
 pub mod auth;
+pub mod circuit;
 pub mod config;
 pub mod error;
 pub mod exchange;
 pub mod keys;
 pub mod openai;
+pub mod pricing;
 pub mod providers;
 pub mod router;
 pub mod routes;

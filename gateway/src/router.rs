@@ -1,12 +1,21 @@
 //! Routing: turns a requested model into a [`TierPlan`], the ordered attempts that may serve
-//! it (CONTRACT §3), and knows each tier's capacity and the models the upstreams report.
+//! it (CONTRACT §3). It knows which tiers are configured, each provider's circuit and the
+//! local tier's capacity, and the models the upstreams report.
+//!
+//! - `auto`: local → free_gemini → api_key (OpenAI, then Anthropic), skipping what is not
+//!   configured; down or full tiers are skipped when the plan runs.
+//! - `local`, or a model Ollama lists: Ollama only. `gemini-*`: the Gemini accounts only.
+//!   `gpt-*`/`o<digit>…`: OpenAI. `claude-*`: Anthropic (`claude-3-5-sonnet` = `ANTHROPIC_MODEL`).
+//! - Embeddings: Ollama's embedding model, then OpenAI's when a key is set.
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use claw_ledger::{Provider, Tier};
+use serde::Serialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::circuit::{Admission, Circuit};
 use crate::error::ApiError;
 use crate::providers::ChatProvider;
 
@@ -21,39 +30,72 @@ pub const ALIASES: [&str; 5] = [
 /// How often the upstreams' model lists are refreshed.
 const MODEL_REFRESH: Duration = Duration::from_secs(30);
 
+/// A configured provider and its circuit.
+#[derive(Clone)]
+pub struct Backend {
+    pub provider: Arc<dyn ChatProvider>,
+    pub circuit: Arc<Circuit>,
+}
+
+impl Backend {
+    pub fn new(provider: Arc<dyn ChatProvider>) -> Self {
+        Self {
+            provider,
+            circuit: Arc::new(Circuit::default()),
+        }
+    }
+}
+
 /// One way to serve a request: a provider, the upstream model id, and the tier's capacity.
 #[derive(Clone)]
 pub struct Attempt {
-    pub provider: Arc<dyn ChatProvider>,
+    pub backend: Backend,
     pub model: String,
     /// In-flight limit of the tier, if it has one.
     pub capacity: Option<Arc<Semaphore>>,
 }
 
+/// Why an attempt was skipped without calling the provider.
+pub enum Skip {
+    /// The circuit is open: the provider is known down.
+    Down(Duration),
+    /// The tier is at capacity.
+    Full,
+}
+
 impl Attempt {
-    pub fn tier(&self) -> Tier {
-        self.provider.provider().tier()
+    pub fn provider(&self) -> Provider {
+        self.backend.provider.provider()
     }
 
-    /// Takes a slot of the tier's capacity: waits for one when the provider was asked for by
-    /// name (`queue`), otherwise gives up at once so `auto` can spill to the next tier.
-    pub async fn admit(&self, queue: bool) -> Result<Option<OwnedSemaphorePermit>, ()> {
-        let Some(capacity) = &self.capacity else {
-            return Ok(None);
+    pub fn tier(&self) -> Tier {
+        self.provider().tier()
+    }
+
+    /// Admits the attempt: a known-down provider is skipped unless it was asked for by name
+    /// (`forced`); a full tier is waited for when forced, otherwise skipped so `auto` spills.
+    /// Capacity is taken first, so a half-open circuit's probe is only handed out to an
+    /// attempt that will really be made.
+    pub async fn admit(&self, forced: bool) -> Result<Option<OwnedSemaphorePermit>, Skip> {
+        let permit = match &self.capacity {
+            None => None,
+            Some(capacity) if forced => Some(
+                capacity
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| Skip::Full)?,
+            ),
+            Some(capacity) => Some(
+                capacity
+                    .clone()
+                    .try_acquire_owned()
+                    .map_err(|_| Skip::Full)?,
+            ),
         };
-        if queue {
-            capacity
-                .clone()
-                .acquire_owned()
-                .await
-                .map(Some)
-                .map_err(|_| ())
-        } else {
-            capacity
-                .clone()
-                .try_acquire_owned()
-                .map(Some)
-                .map_err(|_| ())
+        match self.backend.circuit.admit() {
+            Admission::Down(retry) if !forced => Err(Skip::Down(retry)),
+            _ => Ok(permit),
         }
     }
 }
@@ -61,203 +103,42 @@ impl Attempt {
 /// The attempts for one request, in order.
 pub struct TierPlan {
     pub attempts: Vec<Attempt>,
-    /// A provider was asked for by name: no fall-through, failures are 502.
+    /// A provider was asked for by name: no fall-through, failures are 502 (429 for rate
+    /// limits).
     pub forced: bool,
 }
 
-/// The tiers as configured.
+/// Model ids the router routes with.
+#[derive(Debug, Clone)]
+pub struct ModelChoices {
+    pub ollama: String,
+    pub ollama_embed: String,
+    pub gemini: String,
+    pub openai: String,
+    pub openai_embed: String,
+    pub anthropic: String,
+}
+
+/// The configured tiers.
 pub struct Router {
-    ollama: Arc<dyn ChatProvider>,
-    ollama_model: String,
-    ollama_embed_model: String,
+    ollama: Backend,
+    gemini: Option<Backend>,
+    openai: Option<Backend>,
+    anthropic: Option<Backend>,
+    models: ModelChoices,
     local_capacity: Arc<Semaphore>,
     /// `OLLAMA_MAX_INFLIGHT`.
     local_capacity_limit: usize,
-    /// What Ollama last reported in `/api/tags`.
-    local_models: RwLock<Vec<String>>,
+    /// What Ollama last reported in `/api/tags` (`None`: it did not answer).
+    local_models: RwLock<Option<Vec<String>>>,
+    /// What the other configured upstreams last reported, with their owner.
+    remote_models: RwLock<Vec<(String, &'static str)>>,
 }
 
 /// `llama3.2` and `llama3.2:latest` are the same Ollama model.
 fn same_ollama_model(a: &str, b: &str) -> bool {
     a.trim_end_matches(":latest")
         .eq_ignore_ascii_case(b.trim_end_matches(":latest"))
-}
-
-impl Router {
-    pub fn new(
-        ollama: Arc<dyn ChatProvider>,
-        ollama_model: String,
-        ollama_embed_model: String,
-        local_capacity: usize,
-    ) -> Self {
-        Self {
-            ollama,
-            ollama_model,
-            ollama_embed_model,
-            local_capacity: Arc::new(Semaphore::new(local_capacity)),
-            local_capacity_limit: local_capacity,
-            local_models: RwLock::default(),
-        }
-    }
-
-    fn local(&self, model: &str) -> Attempt {
-        Attempt {
-            provider: self.ollama.clone(),
-            model: model.to_owned(),
-            capacity: Some(self.local_capacity.clone()),
-        }
-    }
-
-    fn lists_locally(&self, model: &str) -> bool {
-        self.local_models
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .iter()
-            .any(|m| same_ollama_model(m, model))
-    }
-
-    /// The plan for a chat request for `model`.
-    pub fn chat_plan(&self, model: &str) -> Result<TierPlan, ApiError> {
-        match model {
-            "auto" => Ok(TierPlan {
-                attempts: vec![self.local(&self.ollama_model)],
-                forced: false,
-            }),
-            "local" => Ok(TierPlan {
-                attempts: vec![self.local(&self.ollama_model)],
-                forced: true,
-            }),
-            m if self.lists_locally(m) => Ok(TierPlan {
-                attempts: vec![self.local(m)],
-                forced: true,
-            }),
-            m if m.starts_with("gemini-") => {
-                Err(unconfigured(m, "the free Gemini tier", "GEMINI_API_KEYS"))
-            }
-            m if m.starts_with("gpt-") || is_openai_o_series(m) => {
-                Err(unconfigured(m, "OpenAI", "OPENAI_API_KEY"))
-            }
-            m if m.starts_with("claude-") => Err(unconfigured(m, "Anthropic", "ANTHROPIC_API_KEY")),
-            m => Err(ApiError::model_not_found(m)),
-        }
-    }
-
-    /// The plan for an embeddings request: an Ollama-listed model as asked, else the
-    /// configured embedding model.
-    pub fn embed_plan(&self, model: &str) -> TierPlan {
-        if self.lists_locally(model) {
-            TierPlan {
-                attempts: vec![self.local(model)],
-                forced: true,
-            }
-        } else {
-            TierPlan {
-                attempts: vec![self.local(&self.ollama_embed_model)],
-                forced: false,
-            }
-        }
-    }
-
-    /// Every model id `/v1/models` lists, with its owner.
-    pub fn model_ids(&self) -> Vec<(String, &'static str)> {
-        let mut ids: Vec<(String, &'static str)> =
-            ALIASES.iter().map(|a| ((*a).to_owned(), "nself")).collect();
-        for m in self
-            .local_models
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .iter()
-        {
-            if !ids.iter().any(|(id, _)| id == m) {
-                ids.push((m.clone(), "ollama"));
-            }
-        }
-        ids
-    }
-
-    /// Each tier's state, for `nself claw api test --verbose`.
-    pub fn tier_states(&self) -> Vec<TierState> {
-        let total = self.local_capacity_limit;
-        let in_flight = total.saturating_sub(self.local_capacity.available_permits());
-        vec![
-            TierState {
-                tier: Tier::Local,
-                provider: Provider::Ollama,
-                state: if self
-                    .local_models
-                    .read()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .is_empty()
-                {
-                    "unreachable"
-                } else {
-                    "up"
-                },
-                detail: format!("{in_flight}/{total} in flight"),
-            },
-            TierState {
-                tier: Tier::FreeGemini,
-                provider: Provider::Gemini,
-                state: "unconfigured",
-                detail: "set GEMINI_API_KEYS".into(),
-            },
-            TierState {
-                tier: Tier::ApiKey,
-                provider: Provider::Openai,
-                state: "unconfigured",
-                detail: "set OPENAI_API_KEY".into(),
-            },
-            TierState {
-                tier: Tier::ApiKey,
-                provider: Provider::Anthropic,
-                state: "unconfigured",
-                detail: "set ANTHROPIC_API_KEY".into(),
-            },
-        ]
-    }
-
-    /// Re-reads the upstreams' model lists now.
-    pub async fn refresh_models(&self) {
-        match self.ollama.models().await {
-            Ok(models) => {
-                *self
-                    .local_models
-                    .write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = models;
-            }
-            Err(err) => {
-                tracing::debug!(error = %err, "could not list Ollama models");
-                self.local_models
-                    .write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .clear();
-            }
-        }
-    }
-
-    /// Keeps the model lists fresh in the background.
-    pub fn follow_models(self: &Arc<Self>) {
-        let router = Arc::downgrade(self);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(MODEL_REFRESH);
-            loop {
-                tick.tick().await;
-                let Some(router) = router.upgrade() else {
-                    return;
-                };
-                router.refresh_models().await;
-            }
-        });
-    }
-}
-
-/// A tier's state as the admin API reports it.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct TierState {
-    pub tier: Tier,
-    pub provider: Provider,
-    pub state: &'static str,
-    pub detail: String,
 }
 
 /// OpenAI's reasoning models: `o1`, `o3-mini`, `o4-mini`…
@@ -270,6 +151,252 @@ fn unconfigured(model: &str, what: &str, variable: &str) -> ApiError {
     ApiError::no_tier_available(format!(
         "Model `{model}` is served by {what}, which is not configured on this gateway (set {variable})."
     ))
+}
+
+fn read<T: Clone>(lock: &RwLock<T>) -> T {
+    lock.read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone()
+}
+
+impl Router {
+    pub fn new(
+        ollama: Backend,
+        gemini: Option<Backend>,
+        openai: Option<Backend>,
+        anthropic: Option<Backend>,
+        models: ModelChoices,
+        local_capacity: usize,
+    ) -> Self {
+        Self {
+            ollama,
+            gemini,
+            openai,
+            anthropic,
+            models,
+            local_capacity: Arc::new(Semaphore::new(local_capacity)),
+            local_capacity_limit: local_capacity,
+            local_models: RwLock::new(None),
+            remote_models: RwLock::default(),
+        }
+    }
+
+    fn local(&self, model: &str) -> Attempt {
+        Attempt {
+            backend: self.ollama.clone(),
+            model: model.to_owned(),
+            capacity: Some(self.local_capacity.clone()),
+        }
+    }
+
+    fn only_local(&self, model: &str) -> TierPlan {
+        TierPlan {
+            attempts: vec![self.local(model)],
+            forced: true,
+        }
+    }
+
+    fn remote(backend: Option<&Backend>, model: &str) -> Option<Attempt> {
+        backend.map(|b| Attempt {
+            backend: b.clone(),
+            model: model.to_owned(),
+            capacity: None,
+        })
+    }
+
+    fn lists_locally(&self, model: &str) -> bool {
+        read(&self.local_models)
+            .unwrap_or_default()
+            .iter()
+            .any(|m| same_ollama_model(m, model))
+    }
+
+    fn forced(
+        attempt: Option<Attempt>,
+        or_else: impl FnOnce() -> ApiError,
+    ) -> Result<TierPlan, ApiError> {
+        attempt
+            .map(|a| TierPlan {
+                attempts: vec![a],
+                forced: true,
+            })
+            .ok_or_else(or_else)
+    }
+
+    /// The plan for a chat request for `model`.
+    pub fn chat_plan(&self, model: &str) -> Result<TierPlan, ApiError> {
+        let m = &self.models;
+        match model {
+            "auto" => {
+                let attempts = std::iter::once(Some(self.local(&m.ollama)))
+                    .chain([
+                        Self::remote(self.gemini.as_ref(), &m.gemini),
+                        Self::remote(self.openai.as_ref(), &m.openai),
+                        Self::remote(self.anthropic.as_ref(), &m.anthropic),
+                    ])
+                    .flatten()
+                    .collect();
+                Ok(TierPlan {
+                    attempts,
+                    forced: false,
+                })
+            }
+            "local" => Ok(self.only_local(&m.ollama)),
+            g if g.starts_with("gemini-") => {
+                Self::forced(Self::remote(self.gemini.as_ref(), g), || {
+                    unconfigured(g, "the free Gemini tier", "GEMINI_API_KEYS")
+                })
+            }
+            o if o.starts_with("gpt-") || is_openai_o_series(o) => {
+                Self::forced(Self::remote(self.openai.as_ref(), o), || {
+                    unconfigured(o, "OpenAI", "OPENAI_API_KEY")
+                })
+            }
+            c if c.starts_with("claude-") => {
+                let upstream = if c == "claude-3-5-sonnet" {
+                    m.anthropic.as_str()
+                } else {
+                    c
+                };
+                Self::forced(Self::remote(self.anthropic.as_ref(), upstream), || {
+                    unconfigured(c, "Anthropic", "ANTHROPIC_API_KEY")
+                })
+            }
+            l if self.lists_locally(l) => Ok(self.only_local(l)),
+            other => Err(ApiError::model_not_found(other)),
+        }
+    }
+
+    /// The plan for an embeddings request: an Ollama-listed model as asked, else Ollama's
+    /// embedding model, then OpenAI's.
+    pub fn embed_plan(&self, model: &str) -> TierPlan {
+        if self.lists_locally(model) {
+            return self.only_local(model);
+        }
+        let mut attempts = vec![self.local(&self.models.ollama_embed)];
+        attempts.extend(Self::remote(
+            self.openai.as_ref(),
+            &self.models.openai_embed,
+        ));
+        TierPlan {
+            attempts,
+            forced: false,
+        }
+    }
+
+    /// Every model id `/v1/models` lists, with its owner.
+    pub fn model_ids(&self) -> Vec<(String, &'static str)> {
+        let mut ids: Vec<(String, &'static str)> =
+            ALIASES.iter().map(|a| ((*a).to_owned(), "nself")).collect();
+        let local = read(&self.local_models)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|m| (m, "ollama"));
+        for (id, owner) in local.chain(read(&self.remote_models)) {
+            if !ids.iter().any(|(known, _)| *known == id) {
+                ids.push((id, owner));
+            }
+        }
+        ids
+    }
+
+    /// Each provider's state, for `nself claw api test --verbose`.
+    pub fn tier_states(&self) -> Vec<TierState> {
+        let total = self.local_capacity_limit;
+        let in_flight = total.saturating_sub(self.local_capacity.available_permits());
+        let reachable = read(&self.local_models).is_some();
+        let mut states = vec![TierState {
+            tier: Tier::Local,
+            provider: Provider::Ollama,
+            state: if reachable {
+                self.ollama.circuit.describe()
+            } else {
+                "unreachable"
+            },
+            detail: format!(
+                "{in_flight}/{total} in flight, model {}",
+                self.models.ollama
+            ),
+        }];
+        for (backend, provider, variable) in [
+            (&self.gemini, Provider::Gemini, "GEMINI_API_KEYS"),
+            (&self.openai, Provider::Openai, "OPENAI_API_KEY"),
+            (&self.anthropic, Provider::Anthropic, "ANTHROPIC_API_KEY"),
+        ] {
+            states.push(match backend {
+                Some(b) => TierState {
+                    tier: provider.tier(),
+                    provider,
+                    state: b.circuit.describe(),
+                    detail: b.provider.status_detail().unwrap_or_default(),
+                },
+                None => TierState {
+                    tier: provider.tier(),
+                    provider,
+                    state: "unconfigured",
+                    detail: format!("set {variable}"),
+                },
+            });
+        }
+        states
+    }
+
+    /// Re-reads the upstreams' model lists now.
+    pub async fn refresh_models(&self) {
+        let local = match self.ollama.provider.models().await {
+            Ok(models) => Some(models),
+            Err(err) => {
+                tracing::debug!(error = %err, "could not list Ollama models");
+                None
+            }
+        };
+        *self
+            .local_models
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = local;
+        let mut remote = Vec::new();
+        for backend in [&self.gemini, &self.openai, &self.anthropic]
+            .into_iter()
+            .flatten()
+        {
+            let provider = backend.provider.provider();
+            match backend.provider.models().await {
+                Ok(models) => remote.extend(models.into_iter().map(|m| (m, provider.as_str()))),
+                Err(err) => {
+                    tracing::debug!(provider = provider.as_str(), error = %err, "could not list models");
+                }
+            }
+        }
+        *self
+            .remote_models
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = remote;
+    }
+
+    /// Keeps the model lists fresh in the background.
+    pub fn follow_models(self: &Arc<Self>) {
+        let router = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(MODEL_REFRESH);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(router) = router.upgrade() else {
+                    return;
+                };
+                router.refresh_models().await;
+            }
+        });
+    }
+}
+
+/// A provider's state as the admin API reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct TierState {
+    pub tier: Tier,
+    pub provider: Provider,
+    pub state: &'static str,
+    pub detail: String,
 }
 
 #[cfg(test)]

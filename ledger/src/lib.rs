@@ -12,4 +12,4 @@ pub use event::{
     RequestServed, Tier, TierFallback, SCHEMA_VERSION,
 };
 pub use log::{EventLog, LedgerError, Recorded};
-pub use sqlite::SqliteLedger;
+pub use sqlite::{SqliteLedger, WriteGate};

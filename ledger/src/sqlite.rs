@@ -2,12 +2,14 @@
 //! group-commits every append that is waiting into a single fsync'ed transaction, so durability
 //! costs one fsync per batch, not per request.
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
+use sqlx::{QueryBuilder, Row as _, Sqlite, SqlitePool};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::event::Envelope;
@@ -26,10 +28,18 @@ const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS ledger (
     envelope   TEXT    NOT NULL
 )";
 
+/// One event ready to store: (event_id, event_type, key_id, envelope JSON).
+type Row = (String, &'static str, String, String);
+
 struct AppendJob {
-    rows: Vec<(String, &'static str, String, String)>,
+    rows: Vec<Row>,
     done: oneshot::Sender<Result<Vec<u64>, LedgerError>>,
 }
+
+/// Serialises the process's write transactions on the embedded database file. SQLite allows
+/// one writer at a time and a blocked writer sleeps in growing steps (up to 100 ms); queueing
+/// in-process instead hands the lock over the moment it is free.
+pub type WriteGate = Arc<tokio::sync::Mutex<()>>;
 
 /// The SQLite-backed `EventLog`.
 pub struct SqliteLedger {
@@ -39,6 +49,8 @@ pub struct SqliteLedger {
     jobs: mpsc::Sender<AppendJob>,
     /// Next offset to be written, published after each commit.
     head: watch::Receiver<u64>,
+    /// Shared with the embedded projector, which writes to the same file.
+    gate: WriteGate,
 }
 
 /// Connection options shared by everything that opens the embedded database file.
@@ -78,8 +90,19 @@ impl SqliteLedger {
             .await?;
         let (head_tx, head) = watch::channel(u64::try_from(next).unwrap_or(0));
         let (jobs, rx) = mpsc::channel(QUEUE_DEPTH);
-        tokio::spawn(write_loop(writer, rx, head_tx));
-        Ok(Self { reader, jobs, head })
+        let gate = WriteGate::default();
+        tokio::spawn(write_loop(writer, rx, head_tx, gate.clone()));
+        Ok(Self {
+            reader,
+            jobs,
+            head,
+            gate,
+        })
+    }
+
+    /// The gate every writer to this database file in the process must hold.
+    pub fn write_gate(&self) -> WriteGate {
+        self.gate.clone()
     }
 }
 
@@ -144,10 +167,20 @@ fn seq_to_offset(seq: i64) -> u64 {
 }
 
 /// The single writer: takes every waiting job, commits them in one transaction, answers each.
-async fn write_loop(pool: SqlitePool, mut rx: mpsc::Receiver<AppendJob>, head: watch::Sender<u64>) {
+async fn write_loop(
+    pool: SqlitePool,
+    mut rx: mpsc::Receiver<AppendJob>,
+    head: watch::Sender<u64>,
+    gate: WriteGate,
+) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        match commit(&pool, &batch).await {
+        let committed = {
+            let _gate = gate.lock().await;
+            let current = *head.borrow();
+            commit(&pool, &batch, current).await
+        };
+        match committed {
             Ok((offsets, next)) => {
                 head.send_if_modified(|h| {
                     let changed = *h != next;
@@ -173,44 +206,55 @@ async fn write_loop(pool: SqlitePool, mut rx: mpsc::Receiver<AppendJob>, head: w
     }
 }
 
+/// Rows per `INSERT` statement (4 parameters each, well under SQLite's limit).
+const ROWS_PER_INSERT: usize = 1000;
+
+/// Writes every row of `batch` in one transaction and returns each job's offsets and the new
+/// head. One multi-row `INSERT` per thousand rows: statements, not rows, are what cost here.
 async fn commit(
     pool: &SqlitePool,
     batch: &[AppendJob],
+    head: u64,
 ) -> Result<(Vec<Vec<u64>>, u64), sqlx::Error> {
     // IMMEDIATE: take the write lock up front, so the busy timeout applies instead of a
-    // read snapshot failing to upgrade when the projector committed in between.
+    // read snapshot failing to upgrade when another writer committed in between.
     let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let rows: Vec<&Row> = batch.iter().flat_map(|job| job.rows.iter()).collect();
+    let mut seqs: HashMap<String, i64> = HashMap::with_capacity(rows.len());
+    for chunk in rows.chunks(ROWS_PER_INSERT) {
+        let mut insert = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO ledger (event_id, event_type, key_id, envelope) ",
+        );
+        insert.push_values(chunk, |mut row, (event_id, event_type, key_id, json)| {
+            row.push_bind(event_id.as_str())
+                .push_bind(*event_type)
+                .push_bind(key_id.as_str())
+                .push_bind(json.as_str());
+        });
+        insert.push(" ON CONFLICT (event_id) DO NOTHING RETURNING event_id, seq");
+        let written: Vec<(String, i64)> = insert.build_query_as().fetch_all(&mut *tx).await?;
+        seqs.extend(written);
+    }
+    let mut new_head = head;
     let mut all = Vec::with_capacity(batch.len());
     for job in batch {
         let mut offsets = Vec::with_capacity(job.rows.len());
-        for (event_id, event_type, key_id, json) in &job.rows {
-            let existing: Option<i64> =
-                sqlx::query_scalar("SELECT seq FROM ledger WHERE event_id = ?")
-                    .bind(event_id)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-            let seq = match existing {
-                Some(seq) => seq,
+        for (event_id, ..) in &job.rows {
+            let seq = match seqs.get(event_id) {
+                Some(seq) => *seq,
+                // Already in the ledger (a redelivery): it keeps its first offset.
                 None => {
-                    sqlx::query_scalar(
-                        "INSERT INTO ledger (event_id, event_type, key_id, envelope) VALUES (?, ?, ?, ?)
-                         RETURNING seq",
-                    )
-                    .bind(event_id)
-                    .bind(*event_type)
-                    .bind(key_id)
-                    .bind(json)
-                    .fetch_one(&mut *tx)
-                    .await?
+                    sqlx::query_scalar("SELECT seq FROM ledger WHERE event_id = ?")
+                        .bind(event_id)
+                        .fetch_one(&mut *tx)
+                        .await?
                 }
             };
+            new_head = new_head.max(u64::try_from(seq).unwrap_or(0));
             offsets.push(seq_to_offset(seq));
         }
         all.push(offsets);
     }
-    let last: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM ledger")
-        .fetch_one(&mut *tx)
-        .await?;
     tx.commit().await?;
-    Ok((all, u64::try_from(last).unwrap_or(0)))
+    Ok((all, new_head))
 }

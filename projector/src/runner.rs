@@ -14,7 +14,10 @@ use crate::store::{ReadModels, StoreError};
 /// The projection source name of the embedded ledger.
 pub const EMBEDDED_SOURCE: &str = "ledger";
 /// Events folded per transaction at most.
-const BATCH: usize = 512;
+const BATCH: usize = 128;
+/// After being woken, how long to let more events gather before folding: under load this
+/// turns many one-event transactions into a few larger ones (commands wait this much longer).
+const GATHER: Duration = Duration::from_millis(2);
 
 /// Follows one ledger partition into the read models.
 pub struct Projector {
@@ -61,6 +64,7 @@ impl Projector {
                 if head.changed().await.is_err() {
                     return;
                 }
+                tokio::time::sleep(GATHER).await;
                 continue;
             }
             match self.step(next).await {

@@ -5,6 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use claw_ledger::WriteGate;
 use sqlx::any::{install_default_drivers, AnyPoolOptions};
 use sqlx::{AnyPool, Executor};
 
@@ -27,6 +28,8 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 #[derive(Clone, Debug)]
 pub struct ReadModels {
     pub(crate) pool: AnyPool,
+    /// Held while folding when the ledger shares the database file (embedded mode).
+    gate: Option<WriteGate>,
 }
 
 impl ReadModels {
@@ -57,9 +60,12 @@ impl ReadModels {
             .acquire_timeout(Duration::from_secs(10))
             .after_connect(move |conn, _meta| {
                 Box::pin(async move {
+                    // Read models are rebuildable from the ledger: NORMAL (no fsync per fold;
+                    // WAL still survives a process crash) keeps folds cheap. The ledger's own
+                    // connection stays FULL.
                     if sqlite {
                         conn.execute(
-                            "PRAGMA busy_timeout = 10000; PRAGMA synchronous = FULL; PRAGMA journal_mode = WAL;",
+                            "PRAGMA busy_timeout = 10000; PRAGMA synchronous = NORMAL; PRAGMA journal_mode = WAL;",
                         )
                         .await?;
                     }
@@ -69,7 +75,22 @@ impl ReadModels {
             .connect(url)
             .await?;
         MIGRATOR.run(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self { pool, gate: None })
+    }
+
+    /// Folds take `gate` first: the embedded ledger writes to the same SQLite file.
+    #[must_use]
+    pub fn with_write_gate(mut self, gate: WriteGate) -> Self {
+        self.gate = Some(gate);
+        self
+    }
+
+    /// Holds the write gate, if there is one, for the guard's lifetime.
+    pub(crate) async fn write_turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        match &self.gate {
+            Some(gate) => Some(gate.lock().await),
+            None => None,
+        }
     }
 
     /// Whether the store answers (for `/readyz`).

@@ -146,6 +146,9 @@ impl FakeOllama {
             .with_state(Arc::clone(&shared));
         let server = tokio::spawn(async move {
             // Only fails if accepting fails fatally; nothing useful to do then.
+            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             let _ = axum::serve(listener, app).await;
         });
         Ok(FakeOllama {
@@ -235,7 +238,7 @@ async fn admit(
         shared.chat_requests.fetch_add(1, Ordering::SeqCst);
     }
     let b = shared.behavior();
-    tokio::time::sleep(b.first_byte_delay).await;
+    pause(b.first_byte_delay).await;
     if let Some(code) = b.fail_status {
         let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         return Err(error(
@@ -354,7 +357,7 @@ async fn chat(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
     };
 
     if req["stream"].as_bool() == Some(false) {
-        tokio::time::sleep(b.chunk_delay * u32::try_from(parts.len()).unwrap_or(u32::MAX)).await;
+        pause(b.chunk_delay * u32::try_from(parts.len()).unwrap_or(u32::MAX)).await;
         return Json(finish(&parts.concat())).into_response();
     }
 
@@ -367,7 +370,7 @@ async fn chat(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
                 return;
             }
             if i > 0 {
-                tokio::time::sleep(b.chunk_delay).await;
+                pause(b.chunk_delay).await;
             }
             if tx
                 .send(line(&message(&chunk_model, part, false)))
@@ -381,7 +384,7 @@ async fn chat(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
             tx.closed().await;
             return;
         }
-        tokio::time::sleep(b.chunk_delay).await;
+        pause(b.chunk_delay).await;
         let _ = tx.send(line(&finish(""))).await;
     });
     (
@@ -396,7 +399,17 @@ fn fnv1a(text: &str, seed: u64) -> u64 {
     for byte in text.bytes() {
         h = (h ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
     }
-    h
+    // Final avalanche (from MurmurHash3), so one-byte inputs differ in the high bits too.
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^ (h >> 33)
+}
+
+/// Sleeps for `d`, but not at all for zero (a zero sleep still waits for the next timer tick).
+async fn pause(d: Duration) {
+    if !d.is_zero() {
+        tokio::time::sleep(d).await;
+    }
 }
 
 /// Deterministic, L2-normalised pseudo-embedding of `text`.

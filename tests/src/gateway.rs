@@ -11,13 +11,39 @@ use claw_ledger::{Envelope, Event, RequestServed, TierFallback};
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
+use crate::fake_anthropic::FakeAnthropic;
+use crate::fake_gemini::FakeGemini;
 use crate::fake_ollama::FakeOllama;
+use crate::fake_openai::FakeOpenAi;
 
 #[derive(Parser)]
 #[command(args_override_self = true)]
 struct Flags {
     #[command(flatten)]
     serve: ServeArgs,
+}
+
+/// Which tiers besides Ollama a test gateway gets.
+#[derive(Debug, Clone)]
+pub struct Tiers {
+    /// Gemini account keys (none → no free tier).
+    pub gemini_keys: Vec<String>,
+    /// `GEMINI_ACCOUNT_RPM`.
+    pub gemini_account_rpm: u32,
+    pub openai: bool,
+    pub anthropic: bool,
+}
+
+impl Tiers {
+    /// Every tier: two Gemini accounts, OpenAI and Anthropic.
+    pub fn all() -> Self {
+        Self {
+            gemini_keys: vec!["gemini-key-a".into(), "gemini-key-b".into()],
+            gemini_account_rpm: 100,
+            openai: true,
+            anthropic: true,
+        }
+    }
 }
 
 /// A running gateway and its fake Ollama.
@@ -27,6 +53,10 @@ pub struct TestGateway {
     pub admin_token: String,
     pub state: Arc<AppState>,
     pub ollama: FakeOllama,
+    /// The other tiers' fakes, when the gateway was started with them ([`Tiers`]).
+    pub gemini: Option<FakeGemini>,
+    pub openai: Option<FakeOpenAi>,
+    pub anthropic: Option<FakeAnthropic>,
     pub http: reqwest::Client,
     shutdown: Option<oneshot::Sender<()>>,
     _data: tempfile::TempDir,
@@ -42,6 +72,59 @@ impl TestGateway {
     pub async fn start_with(extra: &[&str]) -> Self {
         let ollama = FakeOllama::start().await;
         Self::start_in_front_of(ollama, extra).await
+    }
+
+    /// A gateway with every tier configured, each in front of its fake: Ollama, Gemini with
+    /// `gemini_keys` accounts, OpenAI and Anthropic.
+    pub async fn start_with_tiers(tiers: Tiers, extra: &[&str]) -> Self {
+        let ollama = FakeOllama::start().await;
+        let mut flags: Vec<String> = extra.iter().map(|f| (*f).to_owned()).collect();
+        let gemini = if tiers.gemini_keys.is_empty() {
+            None
+        } else {
+            let fake = FakeGemini::start().await;
+            flags.extend([
+                "--gemini-base-url".into(),
+                fake.base_url.clone(),
+                "--gemini-api-keys".into(),
+                tiers.gemini_keys.join(","),
+            ]);
+            flags.extend([
+                "--gemini-account-rpm".into(),
+                tiers.gemini_account_rpm.to_string(),
+            ]);
+            Some(fake)
+        };
+        let openai = if tiers.openai {
+            let fake = FakeOpenAi::start().await;
+            flags.extend([
+                "--openai-base-url".into(),
+                fake.base_url.clone(),
+                "--openai-api-key".into(),
+                fake.api_key.clone(),
+            ]);
+            Some(fake)
+        } else {
+            None
+        };
+        let anthropic = if tiers.anthropic {
+            let fake = FakeAnthropic::start().await;
+            flags.extend([
+                "--anthropic-base-url".into(),
+                fake.base_url.clone(),
+                "--anthropic-api-key".into(),
+                fake.api_key(),
+            ]);
+            Some(fake)
+        } else {
+            None
+        };
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let mut gw = Self::start_in_front_of(ollama, &flags).await;
+        gw.gemini = gemini;
+        gw.openai = openai;
+        gw.anthropic = anthropic;
+        gw
     }
 
     /// A gateway in front of an existing fake Ollama.
@@ -81,6 +164,9 @@ impl TestGateway {
             admin_token: "test-internal-secret".into(),
             state,
             ollama,
+            gemini: None,
+            openai: None,
+            anthropic: None,
             http: reqwest::Client::new(),
             shutdown: Some(tx),
             _data: data,

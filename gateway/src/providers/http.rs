@@ -46,7 +46,23 @@ impl Upstream {
         &self,
         request: reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, ProviderError> {
-        let response = tokio::time::timeout(self.first_byte, request.send())
+        let response = self.send_raw(request).await?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        let retry_after_secs = retry_after(response.headers());
+        let body = response.text().await.unwrap_or_default();
+        Err(self.status_error(status.as_u16(), retry_after_secs, &body))
+    }
+
+    /// Like [`Upstream::send`], but returns an error status as a response too, for adapters
+    /// that read an error body themselves (Gemini's `RetryInfo`).
+    pub async fn send_raw(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, ProviderError> {
+        tokio::time::timeout(self.first_byte, request.send())
             .await
             .map_err(|_| {
                 ProviderError::Timeout(format!(
@@ -54,19 +70,18 @@ impl Upstream {
                     self.name, self.first_byte
                 ))
             })?
-            .map_err(|e| self.transport_error(&e))?;
-        let status = response.status();
-        if status.is_success() {
-            return Ok(response);
-        }
-        let retry_after_secs = response
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse().ok());
-        let body = response.text().await.unwrap_or_default();
-        let message = error_message(&body);
-        Err(if status.as_u16() == 429 {
+            .map_err(|e| self.transport_error(&e))
+    }
+
+    /// The error for a non-2xx answer: 429 → `RateLimited`, anything else → `Status`.
+    pub fn status_error(
+        &self,
+        status: u16,
+        retry_after_secs: Option<u64>,
+        body: &str,
+    ) -> ProviderError {
+        let message = error_message(body);
+        if status == 429 {
             ProviderError::RateLimited {
                 provider: self.name,
                 message,
@@ -75,10 +90,10 @@ impl Upstream {
         } else {
             ProviderError::Status {
                 provider: self.name,
-                status: status.as_u16(),
+                status,
                 message,
             }
-        })
+        }
     }
 
     /// Classifies a reqwest failure.
@@ -102,7 +117,7 @@ impl Upstream {
         }
     }
 
-    /// The body as Server-Sent Events: `(event name, data)` pairs, `event` empty when unnamed.
+    /// The body as Server-Sent Events: `(event name, data)` pairs (`message` when unnamed).
     pub fn sse(
         &self,
         response: reqwest::Response,
@@ -142,6 +157,26 @@ impl Upstream {
     }
 }
 
+/// Whole seconds to wait, from `retry-after-ms` (OpenAI) or `Retry-After` (seconds, possibly
+/// fractional); at least 1.
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<u64> {
+    let number = |name: &str| {
+        headers
+            .get(name)?
+            .to_str()
+            .ok()?
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|v| v.is_finite() && *v >= 0.0)
+    };
+    let secs = number("retry-after-ms")
+        .map(|ms| ms / 1000.0)
+        .or_else(|| number("retry-after"))?;
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    Some((secs.ceil() as u64).max(1))
+}
+
 /// The innermost cause of an error, which is what a person needs to read.
 fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     let mut cause = e;
@@ -162,4 +197,32 @@ pub fn error_message(body: &str) -> String {
             .map(str::to_owned)
     });
     from_json.unwrap_or_else(|| body.chars().take(500).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::{HeaderMap, HeaderValue};
+
+    #[test]
+    fn retry_after_reads_milliseconds_seconds_and_fractions() {
+        let mut h = HeaderMap::new();
+        assert_eq!(retry_after(&h), None);
+        h.insert("retry-after", HeaderValue::from_static("7"));
+        assert_eq!(retry_after(&h), Some(7));
+        h.insert("retry-after", HeaderValue::from_static("0.2"));
+        assert_eq!(retry_after(&h), Some(1));
+        h.insert("retry-after-ms", HeaderValue::from_static("2500"));
+        assert_eq!(retry_after(&h), Some(3), "milliseconds win");
+        assert_eq!(
+            error_message(
+                r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#
+            ),
+            "Overloaded"
+        );
+        assert_eq!(
+            error_message(r#"{"error":"model not found"}"#),
+            "model not found"
+        );
+    }
 }

@@ -159,6 +159,17 @@ impl ProviderError {
         }
     }
 
+    /// Whether the failure suggests the provider is down (it counts against its circuit).
+    pub fn signals_down(&self) -> bool {
+        match self {
+            ProviderError::Connect(_)
+            | ProviderError::Timeout(_)
+            | ProviderError::Protocol { .. } => true,
+            ProviderError::Status { status, .. } => *status >= 500,
+            ProviderError::RateLimited { .. } | ProviderError::ModelNotFound { .. } => false,
+        }
+    }
+
     /// The `TierFallback` reason for this failure.
     pub fn fallback_reason(&self) -> FallbackReason {
         match self {
@@ -188,4 +199,9 @@ pub trait ChatProvider: Send + Sync + 'static {
 
     /// The model ids the upstream offers.
     async fn models(&self) -> Result<Vec<String>, ProviderError>;
+
+    /// A line about the provider's own state for status reports (e.g. Gemini's accounts).
+    fn status_detail(&self) -> Option<String> {
+        None
+    }
 }

@@ -1,1 +1,679 @@
-//! Placeholder: the openai adapter is being written.
+//! The paid OpenAI tier: OpenAI's own API (`POST /chat/completions` as Server-Sent Events,
+//! `POST /embeddings`, `GET /models`), paths relative to `OPENAI_BASE_URL`
+//! (`https://api.openai.com/v1` by default, so any OpenAI-compatible server works too).
+//!
+//! Every chat is streamed upstream with `stream_options.include_usage`, so each request is
+//! accounted in tokens whatever the client asked for; the gateway's own encoder decides what
+//! the client sees. The length limit is sent as `max_completion_tokens` (OpenAI deprecated
+//! `max_tokens`, and o-series models refuse it).
+//!
+//! The API key travels only in the `Authorization` header (marked sensitive); error messages
+//! that come back are scrubbed of it and of anything that looks like an OpenAI key.
+
+use async_trait::async_trait;
+use claw_ledger::Provider;
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+use super::http::{error_message, Upstream};
+use super::{
+    ChatEvent, ChatProvider, ChatRequest, ChatStream, Embeddings, FinishReason, Message,
+    OutputFormat, ProviderError, Usage,
+};
+use crate::config::Timeouts;
+
+/// Where OpenAI's API lives when `OPENAI_BASE_URL` is unset.
+pub const DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
+
+/// The name a JSON schema response format gets upstream (OpenAI requires one; the
+/// provider-neutral request does not carry the client's).
+const SCHEMA_NAME: &str = "response";
+
+/// OpenAI (or a compatible server) at `base_url`.
+pub struct OpenAi {
+    http: Upstream,
+    /// Ends without a slash; endpoint paths are appended to it.
+    base_url: String,
+    /// Sent as `Authorization: Bearer …`; never logged or put in an error.
+    api_key: String,
+}
+
+impl std::fmt::Debug for OpenAi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenAi")
+            .field("base_url", &self.base_url)
+            .field("api_key", &"[redacted]")
+            .finish_non_exhaustive()
+    }
+}
+
+impl OpenAi {
+    /// `base_url` is OpenAI's API root including its version (`https://api.openai.com/v1`);
+    /// an empty one means [`DEFAULT_BASE_URL`].
+    pub fn new(base_url: &str, api_key: &str, timeouts: Timeouts) -> Result<Self, reqwest::Error> {
+        let base_url = base_url.trim().trim_end_matches('/');
+        Ok(Self {
+            http: Upstream::new("openai", timeouts)?,
+            base_url: if base_url.is_empty() {
+                DEFAULT_BASE_URL.to_owned()
+            } else {
+                base_url.to_owned()
+            },
+            api_key: api_key.trim().to_owned(),
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base_url)
+    }
+
+    fn post(&self, path: &str, body: &Value) -> reqwest::RequestBuilder {
+        self.http
+            .client
+            .post(self.url(path))
+            .bearer_auth(&self.api_key)
+            .json(body)
+    }
+
+    /// Sends `call`, turning a 404 into "no such model" when `model` is known and scrubbing
+    /// the key from whatever upstream said.
+    async fn send(
+        &self,
+        call: reqwest::RequestBuilder,
+        model: Option<&str>,
+    ) -> Result<reqwest::Response, ProviderError> {
+        self.http
+            .send(call)
+            .await
+            .map_err(|err| match (err, model) {
+                (ProviderError::Status { status: 404, .. }, Some(model)) => {
+                    ProviderError::ModelNotFound {
+                        provider: self.http.name,
+                        model: model.to_owned(),
+                    }
+                }
+                (other, _) => redact_error(other, &self.api_key),
+            })
+    }
+
+    async fn json(&self, response: reqwest::Response) -> Result<Value, ProviderError> {
+        response
+            .json()
+            .await
+            .map_err(|e| self.http.transport_error(&e))
+    }
+}
+
+/// The `/chat/completions` body for `request`: always streamed, always with usage.
+pub fn chat_body(request: &ChatRequest) -> Value {
+    let messages: Vec<Value> = request.messages.iter().map(wire_message).collect();
+    let p = &request.params;
+    let mut body = json!({
+        "model": request.model,
+        "messages": messages,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+    });
+    let mut put = |k: &str, v: Option<Value>| {
+        if let Some(v) = v {
+            body[k] = v;
+        }
+    };
+    put("temperature", p.temperature.map(Value::from));
+    put("top_p", p.top_p.map(Value::from));
+    put("max_completion_tokens", p.max_tokens.map(Value::from));
+    put("stop", (!p.stop.is_empty()).then(|| json!(p.stop)));
+    put("seed", p.seed.map(Value::from));
+    put("presence_penalty", p.presence_penalty.map(Value::from));
+    put("frequency_penalty", p.frequency_penalty.map(Value::from));
+    put(
+        "response_format",
+        p.format.as_ref().map(|format| match format {
+            OutputFormat::Json => json!({"type": "json_object"}),
+            OutputFormat::JsonSchema(schema) => json!({
+                "type": "json_schema",
+                "json_schema": {"name": SCHEMA_NAME, "schema": schema},
+            }),
+        }),
+    );
+    body
+}
+
+/// One message on OpenAI's wire: plain `content`, or content parts when it carries images.
+fn wire_message(m: &Message) -> Value {
+    if m.images.is_empty() {
+        return json!({"role": m.role.as_str(), "content": m.content});
+    }
+    let mut parts = Vec::with_capacity(m.images.len() + 1);
+    if !m.content.is_empty() {
+        parts.push(json!({"type": "text", "text": m.content}));
+    }
+    parts.extend(m.images.iter().map(|image| {
+        json!({"type": "image_url", "image_url": {"url": format!("data:{};base64,{image}", image_mime(image))}})
+    }));
+    json!({"role": m.role.as_str(), "content": parts})
+}
+
+/// The image type of base64 `data`, from its magic bytes (the provider-neutral message keeps
+/// only the payload). OpenAI accepts PNG, JPEG, WEBP and GIF.
+fn image_mime(data: &str) -> &'static str {
+    if data.starts_with("/9j/") {
+        "image/jpeg"
+    } else if data.starts_with("R0lGOD") {
+        "image/gif"
+    } else if data.starts_with("UklGR") {
+        "image/webp"
+    } else {
+        "image/png"
+    }
+}
+
+/// What one `data:` payload of the chat stream means.
+#[derive(Debug, PartialEq)]
+enum Frame {
+    /// A `chat.completion.chunk` and the events it carries.
+    Events(Vec<ChatEvent>),
+    /// `[DONE]`: the stream is over.
+    Done,
+}
+
+/// Reads one `data:` payload of the chat stream.
+fn read_frame(http: &Upstream, data: &str) -> Result<Frame, ProviderError> {
+    let data = data.trim();
+    if data == "[DONE]" {
+        return Ok(Frame::Done);
+    }
+    let chunk: Value = serde_json::from_str(data)
+        .map_err(|e| http.protocol(format!("bad JSON in event stream: {e}")))?;
+    chunk_events(http, &chunk).map(Frame::Events)
+}
+
+/// The events one `chat.completion.chunk` carries: text, then usage, then the finish reason.
+/// Usage is read from every chunk, not only the final `choices: []` one, because some
+/// compatible servers put it on the chunk that carries `finish_reason`.
+fn chunk_events(http: &Upstream, chunk: &Value) -> Result<Vec<ChatEvent>, ProviderError> {
+    if let Some(err) = chunk.get("error").filter(|e| !e.is_null()) {
+        return Err(http.protocol(format!(
+            "error in stream: {}",
+            error_message(&json!({ "error": err }).to_string())
+        )));
+    }
+    let mut events = Vec::with_capacity(2);
+    let choice = chunk.pointer("/choices/0");
+    if let Some(delta) = choice.and_then(|c| c.get("delta")) {
+        // A refusal is the only text the model gives in that case; relay it as the answer.
+        for key in ["content", "refusal"] {
+            if let Some(text) = delta.get(key).and_then(Value::as_str) {
+                if !text.is_empty() {
+                    events.push(ChatEvent::Delta(text.to_owned()));
+                }
+            }
+        }
+    }
+    if let Some(usage) = chunk.get("usage").filter(|u| u.is_object()) {
+        events.push(ChatEvent::Usage(Usage {
+            prompt_tokens: usage.get("prompt_tokens").and_then(Value::as_u64),
+            completion_tokens: usage.get("completion_tokens").and_then(Value::as_u64),
+        }));
+    }
+    let reason = choice
+        .and_then(|c| c.get("finish_reason"))
+        .and_then(Value::as_str);
+    if let Some(reason) = reason {
+        events.push(ChatEvent::Finish(match reason {
+            "length" => FinishReason::Length,
+            "content_filter" => FinishReason::ContentFilter,
+            _ => FinishReason::Stop,
+        }));
+    }
+    Ok(events)
+}
+
+/// `err` without the API key or anything that looks like an OpenAI key (OpenAI's 401 message
+/// quotes a masked key).
+fn redact_error(err: ProviderError, api_key: &str) -> ProviderError {
+    let clean = |message: String| redact(&message, api_key);
+    match err {
+        ProviderError::Connect(m) => ProviderError::Connect(clean(m)),
+        ProviderError::Timeout(m) => ProviderError::Timeout(clean(m)),
+        ProviderError::RateLimited {
+            provider,
+            message,
+            retry_after_secs,
+        } => ProviderError::RateLimited {
+            provider,
+            message: clean(message),
+            retry_after_secs,
+        },
+        ProviderError::ModelNotFound { provider, model } => {
+            ProviderError::ModelNotFound { provider, model }
+        }
+        ProviderError::Status {
+            provider,
+            status,
+            message,
+        } => ProviderError::Status {
+            provider,
+            status,
+            message: clean(message),
+        },
+        ProviderError::Protocol { provider, message } => ProviderError::Protocol {
+            provider,
+            message: clean(message),
+        },
+    }
+}
+
+/// `message` with `api_key` and every `sk-…` word replaced.
+fn redact(message: &str, api_key: &str) -> String {
+    let message = if api_key.is_empty() {
+        message.to_owned()
+    } else {
+        message.replace(api_key, "[redacted]")
+    };
+    message
+        .split(' ')
+        .map(|word| {
+            if word.starts_with("sk-") {
+                let tail = word.trim_end_matches(['.', ',', ';', ':', ')', '"', '\'']);
+                format!("sk-[redacted]{}", &word[tail.len()..])
+            } else {
+                word.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[async_trait]
+impl ChatProvider for OpenAi {
+    fn provider(&self) -> Provider {
+        Provider::Openai
+    }
+
+    async fn chat(&self, request: &ChatRequest) -> Result<ChatStream, ProviderError> {
+        let call = self.post("/chat/completions", &chat_body(request));
+        let response = self.send(call, Some(&request.model)).await?;
+        let http = self.http.clone();
+        let api_key = self.api_key.clone();
+        let frames = self
+            .http
+            .sse(response)
+            .map(move |event| {
+                event.and_then(|(name, data)| {
+                    if name == "error" {
+                        Err(http.protocol(format!("error in stream: {}", error_message(&data))))
+                    } else {
+                        read_frame(&http, &data)
+                    }
+                })
+            })
+            .take_while(|frame| futures::future::ready(!matches!(frame, Ok(Frame::Done))));
+        let events = frames.flat_map(move |frame| {
+            let out: Vec<Result<ChatEvent, ProviderError>> = match frame {
+                Ok(Frame::Events(events)) => events.into_iter().map(Ok).collect(),
+                Ok(Frame::Done) => Vec::new(),
+                Err(e) => vec![Err(redact_error(e, &api_key))],
+            };
+            futures::stream::iter(out)
+        });
+        Ok(Box::pin(events))
+    }
+
+    async fn embed(&self, model: &str, inputs: &[String]) -> Result<Embeddings, ProviderError> {
+        let body = json!({"model": model, "input": inputs, "encoding_format": "float"});
+        let response = self
+            .send(self.post("/embeddings", &body), Some(model))
+            .await?;
+        let body = self.json(response).await?;
+        let embeddings = parse_embeddings(&body)
+            .map_err(|message| self.http.protocol(format!("bad embeddings: {message}")))?;
+        if embeddings.vectors.len() != inputs.len() {
+            return Err(self.http.protocol(format!(
+                "{} embeddings for {} inputs",
+                embeddings.vectors.len(),
+                inputs.len()
+            )));
+        }
+        Ok(embeddings)
+    }
+
+    async fn models(&self) -> Result<Vec<String>, ProviderError> {
+        let call = self
+            .http
+            .client
+            .get(self.url("/models"))
+            .bearer_auth(&self.api_key);
+        let body = self.json(self.send(call, None).await?).await?;
+        Ok(body
+            .get("data")
+            .and_then(Value::as_array)
+            .map(|models| {
+                models
+                    .iter()
+                    .filter_map(|m| m.get("id")?.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+}
+
+/// The vectors of an embeddings response, in input order (sorted by `index`), and its
+/// `usage.prompt_tokens`.
+fn parse_embeddings(body: &Value) -> Result<Embeddings, String> {
+    let data = body
+        .get("data")
+        .and_then(Value::as_array)
+        .ok_or("no `data` list")?;
+    let mut indexed = data
+        .iter()
+        .enumerate()
+        .map(|(position, item)| {
+            let index = item
+                .get("index")
+                .and_then(Value::as_u64)
+                .unwrap_or_else(|| u64::try_from(position).unwrap_or(u64::MAX));
+            let vector: Vec<f32> =
+                serde_json::from_value(item.get("embedding").cloned().unwrap_or(Value::Null))
+                    .map_err(|e| format!("item {position}: {e}"))?;
+            Ok((index, vector))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    indexed.sort_by_key(|(index, _)| *index);
+    Ok(Embeddings {
+        vectors: indexed.into_iter().map(|(_, v)| v).collect(),
+        prompt_tokens: body.pointer("/usage/prompt_tokens").and_then(Value::as_u64),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::providers::{ChatParams, Role};
+    use proptest::prelude::*;
+
+    fn http() -> Upstream {
+        Upstream::new("openai", crate::config::ServeArgs::test_timeouts()).unwrap()
+    }
+
+    fn message(role: Role, content: &str, images: &[&str]) -> Message {
+        Message {
+            role,
+            content: content.into(),
+            images: images.iter().map(|s| (*s).to_owned()).collect(),
+        }
+    }
+
+    fn events(chunk: &Value) -> Vec<ChatEvent> {
+        chunk_events(&http(), chunk).unwrap()
+    }
+
+    #[test]
+    fn chat_body_always_streams_with_usage_and_maps_settings() {
+        let req = ChatRequest {
+            model: "o3-mini".into(),
+            messages: vec![
+                message(Role::System, "be brief", &[]),
+                message(Role::User, "what is this?", &["iVBORw0KGgoAAA", "/9j/4AAQ"]),
+                message(Role::Assistant, "", &[]),
+                message(Role::Tool, "42", &[]),
+            ],
+            params: ChatParams {
+                temperature: Some(0.2),
+                top_p: Some(0.9),
+                max_tokens: Some(5),
+                stop: vec!["\n".into()],
+                seed: Some(-7),
+                presence_penalty: Some(0.5),
+                frequency_penalty: Some(-0.5),
+                format: Some(OutputFormat::JsonSchema(json!({"type": "object"}))),
+            },
+        };
+        let body = chat_body(&req);
+        assert_eq!(body["model"], "o3-mini");
+        assert_eq!(body["stream"], true);
+        assert_eq!(body["stream_options"], json!({"include_usage": true}));
+        assert_eq!(
+            body["messages"],
+            json!([
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": [
+                    {"type": "text", "text": "what is this?"},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgoAAA"}},
+                    {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,/9j/4AAQ"}},
+                ]},
+                {"role": "assistant", "content": ""},
+                {"role": "tool", "content": "42"},
+            ])
+        );
+        assert_eq!(body["max_completion_tokens"], 5);
+        assert!(
+            body.get("max_tokens").is_none(),
+            "o-series models refuse max_tokens"
+        );
+        for (key, value) in [
+            ("temperature", json!(0.2)),
+            ("top_p", json!(0.9)),
+            ("stop", json!(["\n"])),
+            ("seed", json!(-7)),
+            ("presence_penalty", json!(0.5)),
+            ("frequency_penalty", json!(-0.5)),
+        ] {
+            assert_eq!(body[key], value, "{key}");
+        }
+        assert_eq!(
+            body["response_format"],
+            json!({"type": "json_schema", "json_schema": {"name": "response", "schema": {"type": "object"}}})
+        );
+    }
+
+    #[test]
+    fn chat_body_leaves_unset_settings_out() {
+        let req = ChatRequest {
+            model: "gpt-4o".into(),
+            messages: vec![message(Role::User, "hi", &[])],
+            params: ChatParams {
+                format: Some(OutputFormat::Json),
+                ..ChatParams::default()
+            },
+        };
+        let body = chat_body(&req);
+        let mut keys: Vec<&str> = body
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            [
+                "messages",
+                "model",
+                "response_format",
+                "stream",
+                "stream_options"
+            ]
+        );
+        assert_eq!(body["response_format"], json!({"type": "json_object"}));
+    }
+
+    #[test]
+    fn chunks_yield_text_usage_and_finish() {
+        let role = json!({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o",
+            "choices": [{"index": 0, "delta": {"role": "assistant", "content": "", "refusal": null}, "logprobs": null, "finish_reason": null}],
+            "usage": null, "obfuscation": "xyz"});
+        assert_eq!(events(&role), vec![]);
+        let text = json!({"choices": [{"index": 0, "delta": {"content": "Hel"}, "finish_reason": null}], "usage": null});
+        assert_eq!(events(&text), vec![ChatEvent::Delta("Hel".into())]);
+        let finish = json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}], "usage": null});
+        assert_eq!(
+            events(&finish),
+            vec![ChatEvent::Finish(FinishReason::Length)]
+        );
+        let usage = json!({"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13,
+            "prompt_tokens_details": {"cached_tokens": 0}}});
+        assert_eq!(
+            events(&usage),
+            vec![ChatEvent::Usage(Usage {
+                prompt_tokens: Some(9),
+                completion_tokens: Some(4)
+            })]
+        );
+        for (wire, reason) in [
+            ("stop", FinishReason::Stop),
+            ("content_filter", FinishReason::ContentFilter),
+            ("tool_calls", FinishReason::Stop),
+            ("function_call", FinishReason::Stop),
+        ] {
+            let chunk = json!({"choices": [{"index": 0, "delta": {}, "finish_reason": wire}]});
+            assert_eq!(events(&chunk), vec![ChatEvent::Finish(reason)], "{wire}");
+        }
+        let refusal = json!({"choices": [{"index": 0, "delta": {"refusal": "I can't"}, "finish_reason": null}]});
+        assert_eq!(events(&refusal), vec![ChatEvent::Delta("I can't".into())]);
+    }
+
+    #[test]
+    fn usage_is_read_even_on_a_chunk_with_choices() {
+        let last = json!({"choices": [{"index": 0, "delta": {"content": "!"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}});
+        assert_eq!(
+            events(&last),
+            vec![
+                ChatEvent::Delta("!".into()),
+                ChatEvent::Usage(Usage {
+                    prompt_tokens: Some(3),
+                    completion_tokens: Some(2)
+                }),
+                ChatEvent::Finish(FinishReason::Stop),
+            ]
+        );
+    }
+
+    #[test]
+    fn done_ends_and_errors_in_the_stream_fail() {
+        let http = http();
+        assert_eq!(read_frame(&http, "[DONE]").unwrap(), Frame::Done);
+        assert_eq!(read_frame(&http, " [DONE] ").unwrap(), Frame::Done);
+        let err = read_frame(
+            &http,
+            r#"{"error":{"message":"The server had an error while processing your request.","type":"server_error","param":null,"code":null}}"#,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&err, ProviderError::Protocol { message, .. } if message.contains("The server had an error")),
+            "{err:?}"
+        );
+        assert!(matches!(
+            read_frame(&http, "{not json"),
+            Err(ProviderError::Protocol { .. })
+        ));
+        let ok = read_frame(&http, r#"{"choices":[],"usage":null,"error":null}"#).unwrap();
+        assert_eq!(ok, Frame::Events(vec![]));
+    }
+
+    #[test]
+    fn embeddings_are_sorted_by_index() {
+        let body = json!({"object": "list", "model": "text-embedding-3-small",
+            "data": [
+                {"object": "embedding", "index": 1, "embedding": [0.5, 0.25]},
+                {"object": "embedding", "index": 0, "embedding": [1.0, -1.0]},
+            ],
+            "usage": {"prompt_tokens": 6, "total_tokens": 6}});
+        let e = parse_embeddings(&body).unwrap();
+        assert_eq!(e.vectors, vec![vec![1.0, -1.0], vec![0.5, 0.25]]);
+        assert_eq!(e.prompt_tokens, Some(6));
+        assert!(parse_embeddings(&json!({"data": [{"index": 0, "embedding": "AAAA"}]})).is_err());
+        assert!(parse_embeddings(&json!({"object": "list"})).is_err());
+    }
+
+    #[test]
+    fn errors_never_carry_the_key() {
+        let key = "sk-proj-abcdefghijklmnopqrstuvwxyz0123456789";
+        let err = ProviderError::Status {
+            provider: "openai",
+            status: 401,
+            message: format!("Incorrect API key provided: sk-proj-****6789. Also {key}."),
+        };
+        let shown = redact_error(err, key).to_string();
+        assert!(!shown.contains("6789") && !shown.contains(key), "{shown}");
+        assert!(shown.contains("Incorrect API key provided: sk-[redacted]."));
+        let openai = OpenAi::new("", key, crate::config::ServeArgs::test_timeouts()).unwrap();
+        assert_eq!(openai.base_url, DEFAULT_BASE_URL);
+        assert!(!format!("{openai:?}").contains(key));
+        let custom = OpenAi::new(
+            "http://127.0.0.1:9/v1/",
+            key,
+            crate::config::ServeArgs::test_timeouts(),
+        )
+        .unwrap();
+        assert_eq!(custom.url("/models"), "http://127.0.0.1:9/v1/models");
+    }
+
+    fn any_role() -> impl Strategy<Value = Role> {
+        prop_oneof![
+            Just(Role::System),
+            Just(Role::User),
+            Just(Role::Assistant),
+            Just(Role::Tool)
+        ]
+    }
+
+    fn any_message() -> impl Strategy<Value = Message> {
+        (
+            any_role(),
+            any::<String>(),
+            prop::collection::vec("[A-Za-z0-9+/]{0,12}={0,2}", 0..3),
+        )
+            .prop_map(|(role, content, images)| Message {
+                role,
+                content,
+                images,
+            })
+    }
+
+    /// The text and base64 images a wire message carries.
+    fn read_back(wire: &Value) -> (String, Vec<String>) {
+        match &wire["content"] {
+            Value::String(text) => (text.clone(), vec![]),
+            Value::Array(parts) => {
+                let text = parts
+                    .iter()
+                    .filter_map(|p| p["text"].as_str())
+                    .collect::<String>();
+                let images = parts
+                    .iter()
+                    .filter_map(|p| p["image_url"]["url"].as_str())
+                    .map(|url| url.split_once(";base64,").unwrap().1.to_owned())
+                    .collect();
+                (text, images)
+            }
+            other => panic!("content is {other}"),
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn messages_survive_translation(
+            model in "[a-z0-9.-]{1,20}",
+            messages in prop::collection::vec(any_message(), 1..8),
+        ) {
+            let req = ChatRequest { model: model.clone(), messages: messages.clone(), params: ChatParams::default() };
+            let body = chat_body(&req);
+            prop_assert_eq!(&body["model"], &json!(model));
+            prop_assert_eq!(&body["stream"], &json!(true));
+            prop_assert_eq!(&body["stream_options"]["include_usage"], &json!(true));
+            let wire = body["messages"].as_array().unwrap();
+            prop_assert_eq!(wire.len(), messages.len());
+            for (sent, original) in wire.iter().zip(&messages) {
+                prop_assert_eq!(sent["role"].as_str(), Some(original.role.as_str()));
+                let (text, images) = read_back(sent);
+                prop_assert_eq!(&text, &original.content);
+                prop_assert_eq!(&images, &original.images);
+            }
+            // The body is plain JSON text that round-trips.
+            let text = body.to_string();
+            prop_assert_eq!(serde_json::from_str::<Value>(&text).unwrap(), body);
+        }
+    }
+}

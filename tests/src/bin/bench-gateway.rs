@@ -21,7 +21,7 @@
 //! the last byte of the response, so queueing (in the client, the gateway or
 //! the upstream) counts; "service" latency, from the actual send, is shown too.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -79,6 +79,11 @@ struct Args {
     /// Reply text of a fake Ollama this tool starts.
     #[arg(long, default_value = "Hello from the fake Ollama.")]
     reply: String,
+    /// Ask the fake Ollama for `"stream": true` (NDJSON, read to the end) in the
+    /// direct run instead of `"stream": false`: that is the request the gateway
+    /// itself makes upstream, so the difference is then the gateway alone.
+    #[arg(long)]
+    direct_stream: bool,
     /// Print the results as one JSON document instead of a table.
     #[arg(long)]
     json: bool,
@@ -129,19 +134,15 @@ fn process_ticks(pid: u32) -> Option<u64> {
     Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
 }
 
-/// Machine-wide (busy, total) jiffies from `/proc/stat`.
-fn machine_ticks() -> Option<(u64, u64)> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let cpu: Vec<u64> = stat
-        .lines()
-        .next()?
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|f| f.parse().ok())
-        .collect();
-    let total: u64 = cpu.iter().take(8).sum();
-    let idle = cpu.get(3)? + cpu.get(4).unwrap_or(&0);
-    Some((total - idle, total))
+/// CPU ticks of every process now running, by pid. (`/proc/stat`'s machine-wide
+/// counters are tick-sampled and miss short bursts; per-process times are exact.)
+fn all_process_ticks() -> HashMap<u32, u64> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return HashMap::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| Some((pid, process_ticks(pid)?)))
+        .collect()
 }
 
 fn loadavg() -> String {
@@ -154,7 +155,7 @@ fn loadavg() -> String {
 struct CpuProbe {
     pids: Vec<(&'static str, u32)>,
     start: Vec<Option<u64>>,
-    machine: Option<(u64, u64)>,
+    everyone: HashMap<u32, u64>,
     at: Instant,
 }
 
@@ -164,12 +165,12 @@ impl CpuProbe {
         CpuProbe {
             pids,
             start,
-            machine: machine_ticks(),
+            everyone: all_process_ticks(),
             at: Instant::now(),
         }
     }
 
-    /// Cores used by each process and by the whole machine (busy cores) since `start`.
+    /// Cores used by each process, and by all processes together, since `start`.
     #[allow(clippy::cast_precision_loss)]
     fn finish(self) -> Value {
         const TICKS_PER_SEC: f64 = 100.0; // USER_HZ on Linux
@@ -183,11 +184,15 @@ impl CpuProbe {
                 );
             }
         }
-        if let (Some((b0, t0)), Some((b1, t1))) = (self.machine, machine_ticks()) {
-            let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-            let busy = (b1 - b0) as f64 / (t1 - t0).max(1) as f64 * cores as f64;
-            out.insert("machine".into(), json!(round3(busy)));
-        }
+        // Processes that started during the run count in full.
+        let everyone: u64 = all_process_ticks()
+            .into_iter()
+            .map(|(pid, now)| now.saturating_sub(self.everyone.get(&pid).copied().unwrap_or(0)))
+            .sum();
+        out.insert(
+            "all_processes".into(),
+            json!(round3(everyone as f64 / TICKS_PER_SEC / secs)),
+        );
         Value::Object(out)
     }
 }
@@ -661,9 +666,10 @@ async fn setup(
         targets.push(Target {
             name: "direct",
             url: format!("{ollama_url}/api/chat"),
-            body: json!({"model": args.ollama_model, "messages": messages, "stream": false})
-                .to_string()
-                .into(),
+            body: json!({"model": args.ollama_model, "messages": messages,
+                   "stream": args.direct_stream})
+            .to_string()
+            .into(),
             bearer: None,
         });
     }
@@ -703,7 +709,7 @@ async fn run(args: &Args, spawned: &mut Spawned) -> Result<Value, Error> {
     report.insert(
         "load".into(),
         json!({"rate": args.rate, "duration_s": args.duration, "warmup_s": args.warmup,
-               "concurrency": args.concurrency}),
+               "concurrency": args.concurrency, "direct_stream": args.direct_stream}),
     );
     for target in &targets {
         check(&client, target).await?;

@@ -1,9 +1,14 @@
-//! End-to-end tests across the crates: the gateway in process in front of a fake Ollama
-//! (OpenAI shapes validated against OpenAI's own schemas), and the real `nself` binary.
+//! End-to-end tests across the crates: the gateway in process in front of fake providers that
+//! speak each provider's wire format (OpenAI shapes validated against OpenAI's own schemas),
+//! the provider adapters against those fakes, and the real `nself` binary.
 
 mod admin;
+mod anthropic;
 mod bad_input;
 mod chat;
 mod failures;
+mod gemini;
+mod openai;
 mod process;
 mod process_support;
+mod routing;
