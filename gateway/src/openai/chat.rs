@@ -6,7 +6,7 @@ use serde_json::Value;
 
 use super::check_range;
 use crate::error::ApiError;
-use crate::providers::{ChatParams, Message, OutputFormat, Role};
+use crate::providers::{ChatParams, Image, Message, OutputFormat, Role};
 
 /// A chat completion request as OpenAI defines it (the fields this gateway acts on; others are
 /// accepted and ignored, as OpenAI's own compatible servers do).
@@ -243,7 +243,7 @@ fn convert_message(index: usize, m: &WireMessage) -> Result<Message, ApiError> {
                         content.push_str(text);
                     }
                     Part::ImageUrl { image_url } => {
-                        images.push(data_url_base64(index, &image_url.url)?);
+                        images.push(data_url_image(index, &image_url.url)?);
                     }
                     Part::InputAudio {} | Part::File {} => {
                         return Err(ApiError::invalid_request(
@@ -262,12 +262,15 @@ fn convert_message(index: usize, m: &WireMessage) -> Result<Message, ApiError> {
     })
 }
 
-/// The base64 payload of a `data:image/…;base64,…` URL; remote image URLs are refused because
-/// the local tier cannot fetch them.
-fn data_url_base64(index: usize, url: &str) -> Result<String, ApiError> {
+/// The image in a `data:image/…;base64,…` URL; remote image URLs are refused because the
+/// local tier cannot fetch them.
+fn data_url_image(index: usize, url: &str) -> Result<Image, ApiError> {
     url.strip_prefix("data:")
         .and_then(|rest| rest.split_once(";base64,"))
-        .map(|(_, data)| data.to_owned())
+        .map(|(media_type, data)| Image {
+            media_type: if media_type.is_empty() { "image/png".to_owned() } else { media_type.to_owned() },
+            data: data.to_owned(),
+        })
         .ok_or_else(|| {
             ApiError::invalid_request(
                 format!("messages[{index}]: image_url must be a base64 data: URL (remote image URLs are not fetched by this gateway)."),
@@ -341,7 +344,7 @@ mod tests {
         .unwrap();
         assert_eq!(messages[0].role, Role::System);
         assert_eq!(messages[1].content, "a\nb");
-        assert_eq!(messages[1].images, vec!["QUJD".to_owned()]);
+        assert_eq!(messages[1].images, vec![Image::png("QUJD")]);
         assert_eq!(messages[2].content, "");
         assert_eq!(params.max_tokens, Some(9));
         assert_eq!(params.stop, vec!["END".to_owned()]);

@@ -12,8 +12,7 @@
 //!   is sent as the first turn unchanged — Anthropic's own API accepts that (Amazon Bedrock's
 //!   copy does not, and answers 400, which is relayed as such).
 //! - **Content.** Text alone is sent as a string; with images, as blocks (images first, as
-//!   Anthropic recommends, then the text). An image's media type is sniffed from its first
-//!   bytes (PNG, JPEG, GIF, WebP; PNG when unknown) because the gateway keeps only the base64.
+//!   Anthropic recommends, then the text) with the media type the client's `data:` URL named.
 //!   Anthropic refuses empty or whitespace-only text blocks, so those are left out, and
 //!   refuses a final assistant turn ending in whitespace (a "prefill"), so that is trimmed.
 //! - **Sampling.** See [`chat_body`]: `temperature` is clamped to Anthropic's 0–1, `top_p` is
@@ -24,7 +23,6 @@
 //! - **Embeddings.** Anthropic has none; see [`NO_EMBEDDINGS`].
 
 use async_trait::async_trait;
-use base64::Engine;
 use claw_ledger::Provider;
 use futures::{Stream, StreamExt};
 use reqwest::header::HeaderValue;
@@ -97,16 +95,6 @@ impl Anthropic {
         Ok(call
             .header("x-api-key", key)
             .header("anthropic-version", API_VERSION))
-    }
-
-    fn not_found_or(&self, err: ProviderError, model: &str) -> ProviderError {
-        match err {
-            ProviderError::Status { status: 404, .. } => ProviderError::ModelNotFound {
-                provider: self.http.name,
-                model: model.to_owned(),
-            },
-            other => other,
-        }
     }
 
     /// One page of `GET /v1/models`: the ids, and the cursor for the next page if any.
@@ -188,28 +176,14 @@ impl Turn {
     }
 }
 
-/// The media type of base64 image data, from its magic bytes (PNG when unrecognised).
-pub fn image_media_type(data: &str) -> &'static str {
-    let head = data.get(..16).unwrap_or(data);
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(head)
-        .unwrap_or_default();
-    match bytes.as_slice() {
-        [0xFF, 0xD8, 0xFF, ..] => "image/jpeg",
-        [b'G', b'I', b'F', b'8', ..] => "image/gif",
-        [b'R', b'I', b'F', b'F', _, _, _, _, b'W', b'E', b'B', b'P', ..] => "image/webp",
-        _ => "image/png",
-    }
-}
-
 /// A message's content blocks: its images, then its text unless that is blank.
 fn content_blocks(message: &Message) -> Vec<Value> {
     let mut blocks: Vec<Value> = message
         .images
         .iter()
-        .map(|data| {
+        .map(|image| {
             json!({"type": "image", "source": {"type": "base64",
-                "media_type": image_media_type(data), "data": data}})
+                "media_type": image.media_type, "data": image.data}})
         })
         .collect();
     if !message.content.trim().is_empty() {
@@ -454,7 +428,7 @@ impl ChatProvider for Anthropic {
             .http
             .send(call)
             .await
-            .map_err(|e| self.not_found_or(e, &request.model))?;
+            .map_err(|e| e.for_model(&request.model))?;
         Ok(chat_events(self.http.clone(), self.http.sse(response)))
     }
 
@@ -486,7 +460,7 @@ impl ChatProvider for Anthropic {
 mod tests {
     use super::*;
     use crate::config::ServeArgs;
-    use crate::providers::ChatParams;
+    use crate::providers::{ChatParams, Image};
     use proptest::prelude::*;
 
     fn msg(role: Role, content: &str) -> Message {
@@ -665,22 +639,23 @@ mod tests {
     }
 
     #[test]
-    fn images_become_base64_blocks_before_the_text_with_a_sniffed_media_type() {
-        let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
-        let png = b64(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR");
-        let jpeg = b64(b"\xFF\xD8\xFF\xE0\0\x10JFIF\0");
-        let gif = b64(b"GIF89a\x01\0\x01\0\x80\0");
-        let webp = b64(b"RIFF\x24\0\0\0WEBPVP8 ");
-        assert_eq!(image_media_type(&png), "image/png");
-        assert_eq!(image_media_type(&jpeg), "image/jpeg");
-        assert_eq!(image_media_type(&gif), "image/gif");
-        assert_eq!(image_media_type(&webp), "image/webp");
-        assert_eq!(image_media_type("QUJD"), "image/png");
-        assert_eq!(image_media_type("not base64 at all!"), "image/png");
-        assert_eq!(image_media_type(&b64(b"RIFF\0\0\0\0WAVEfmt ")), "image/png");
-
+    fn images_become_base64_blocks_before_the_text() {
+        let (png, jpeg, gif) = (
+            "iVBORw0K".to_owned(),
+            "/9j/4AAQ".to_owned(),
+            "R0lGODlh".to_owned(),
+        );
         let mut user = msg(Role::User, "what is this?");
-        user.images = vec![jpeg.clone(), gif.clone()];
+        user.images = vec![
+            Image {
+                media_type: "image/jpeg".into(),
+                data: jpeg.clone(),
+            },
+            Image {
+                media_type: "image/gif".into(),
+                data: gif.clone(),
+            },
+        ];
         let body = chat_body(&request(vec![user], ChatParams::default()));
         assert_eq!(
             body["messages"],
@@ -692,7 +667,7 @@ mod tests {
         );
 
         let mut only_image = msg(Role::User, "");
-        only_image.images = vec![png.clone()];
+        only_image.images = vec![Image::png(png.clone())];
         let body = chat_body(&request(vec![only_image], ChatParams::default()));
         assert_eq!(
             body["messages"][0]["content"],

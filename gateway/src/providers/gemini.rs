@@ -177,16 +177,6 @@ impl Gemini {
         }
     }
 
-    fn not_found_or(err: ProviderError, model: &str) -> ProviderError {
-        match err {
-            ProviderError::Status { status: 404, .. } => ProviderError::ModelNotFound {
-                provider: NAME,
-                model: model.to_owned(),
-            },
-            other => other,
-        }
-    }
-
     async fn json(&self, response: reqwest::Response) -> Result<Value, ProviderError> {
         response
             .json()
@@ -201,7 +191,7 @@ impl Gemini {
         let response = self
             .call(|| self.http.client.post(&url).json(&body))
             .await
-            .map_err(|e| Self::not_found_or(e, model))?;
+            .map_err(|e| e.for_model(model))?;
         let body = self.json(response).await?;
         serde_json::from_value(
             body.pointer("/embedding/values")
@@ -300,7 +290,7 @@ fn contents(messages: &[Message]) -> Vec<Value> {
             parts.push(json!({"text": m.content}));
         }
         for image in &m.images {
-            parts.push(json!({"inlineData": {"mimeType": image_mime_type(image), "data": image}}));
+            parts.push(json!({"inlineData": {"mimeType": image.media_type, "data": image.data}}));
         }
         if parts.is_empty() {
             continue; // Gemini refuses a content without parts, or with an empty text part
@@ -314,21 +304,6 @@ fn contents(messages: &[Message]) -> Vec<Value> {
     out.into_iter()
         .map(|(role, parts)| json!({"role": role, "parts": parts}))
         .collect()
-}
-
-/// The MIME type of a base64 image, recognised from its first bytes (JPEG when unknown).
-fn image_mime_type(base64: &str) -> &'static str {
-    const SIGNATURES: [(&str, &str); 5] = [
-        ("iVBORw0KGgo", "image/png"),
-        ("/9j/", "image/jpeg"),
-        ("R0lGOD", "image/gif"),
-        ("UklGR", "image/webp"),
-        ("AAAAGGZ0eXBoZWlj", "image/heic"),
-    ];
-    SIGNATURES
-        .iter()
-        .find(|(prefix, _)| base64.starts_with(prefix))
-        .map_or("image/jpeg", |(_, mime)| mime)
 }
 
 /// `generationConfig` for the request's parameters (empty when none is set).
@@ -834,7 +809,7 @@ impl ChatProvider for Gemini {
         let response = self
             .call(|| self.http.client.post(&url).json(&body))
             .await
-            .map_err(|e| Self::not_found_or(e, &request.model))?;
+            .map_err(|e| e.for_model(&request.model))?;
         let http = self.http.clone();
         let events = self.http.sse(response).flat_map(move |event| {
             let out: Vec<Result<ChatEvent, ProviderError>> = match event {
@@ -920,7 +895,7 @@ impl<C: Clock> AccountPool<C> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::providers::ChatParams;
+    use crate::providers::{ChatParams, Image};
     use governor::clock::FakeRelativeClock;
     use proptest::prelude::*;
 
@@ -975,7 +950,17 @@ mod tests {
     #[test]
     fn images_become_inline_data_with_their_mime_type() {
         let mut m = msg(Role::User, "what is this?");
-        m.images = vec!["iVBORw0KGgoAAAA".into(), "/9j/4AAQ".into(), "QUJD".into()];
+        m.images = vec![
+            Image::png("iVBORw0KGgoAAAA"),
+            Image {
+                media_type: "image/jpeg".into(),
+                data: "/9j/4AAQ".into(),
+            },
+            Image {
+                media_type: "image/jpeg".into(),
+                data: "QUJD".into(),
+            },
+        ];
         let body = chat_body(&request(vec![m], ChatParams::default()));
         assert_eq!(
             body["contents"][0]["parts"],
@@ -987,7 +972,10 @@ mod tests {
             ])
         );
         let mut image_only = msg(Role::User, "");
-        image_only.images = vec!["R0lGODlh".into()];
+        image_only.images = vec![Image {
+            media_type: "image/gif".into(),
+            data: "R0lGODlh".into(),
+        }];
         let body = chat_body(&request(vec![image_only], ChatParams::default()));
         assert_eq!(
             body["contents"][0]["parts"],
@@ -1350,7 +1338,7 @@ mod tests {
             .prop_map(|(role, content, images)| Message {
                 role,
                 content,
-                images,
+                images: images.into_iter().map(Image::png).collect(),
             })
     }
 

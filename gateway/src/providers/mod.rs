@@ -34,13 +34,32 @@ impl Role {
     }
 }
 
+/// An image attached to a turn, as the client sent it in a `data:` URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Image {
+    /// e.g. `image/png`.
+    pub media_type: String,
+    /// The base64 payload.
+    pub data: String,
+}
+
+impl Image {
+    /// A PNG with `data` (tests and defaults).
+    pub fn png(data: impl Into<String>) -> Self {
+        Self {
+            media_type: "image/png".into(),
+            data: data.into(),
+        }
+    }
+}
+
 /// A conversation turn, provider-neutral.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Message {
     pub role: Role,
     pub content: String,
-    /// Base64 images attached to the turn (from `data:` URLs).
-    pub images: Vec<String>,
+    /// Images attached to the turn.
+    pub images: Vec<Image>,
 }
 
 /// How the answer must be formatted.
@@ -156,6 +175,22 @@ impl ProviderError {
         match self {
             ProviderError::Status { status, .. } => *status >= 500,
             _ => true,
+        }
+    }
+
+    /// For a call about `model`: a 404 means the upstream does not have that model.
+    #[must_use]
+    pub fn for_model(self, model: &str) -> Self {
+        match self {
+            ProviderError::Status {
+                status: 404,
+                provider,
+                ..
+            } => ProviderError::ModelNotFound {
+                provider,
+                model: model.to_owned(),
+            },
+            other => other,
         }
     }
 

@@ -30,16 +30,6 @@ impl Ollama {
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base_url)
     }
-
-    fn not_found_or(&self, err: ProviderError, model: &str) -> ProviderError {
-        match err {
-            ProviderError::Status { status: 404, .. } => ProviderError::ModelNotFound {
-                provider: self.http.name,
-                model: model.to_owned(),
-            },
-            other => other,
-        }
-    }
 }
 
 /// The `/api/chat` body for `request`.
@@ -50,7 +40,8 @@ pub fn chat_body(request: &ChatRequest) -> Value {
         .map(|m| {
             let mut msg = json!({"role": m.role.as_str(), "content": m.content});
             if !m.images.is_empty() {
-                msg["images"] = json!(m.images);
+                let images: Vec<&str> = m.images.iter().map(|i| i.data.as_str()).collect();
+                msg["images"] = json!(images);
             }
             msg
         })
@@ -122,7 +113,7 @@ impl ChatProvider for Ollama {
             .http
             .send(call)
             .await
-            .map_err(|e| self.not_found_or(e, &request.model))?;
+            .map_err(|e| e.for_model(&request.model))?;
         let http = self.http.clone();
         let events = self.http.ndjson(response).flat_map(move |line| {
             let out: Vec<Result<ChatEvent, ProviderError>> =
@@ -141,11 +132,7 @@ impl ChatProvider for Ollama {
             .client
             .post(self.url("/api/embed"))
             .json(&json!({"model": model, "input": inputs}));
-        let response = self
-            .http
-            .send(call)
-            .await
-            .map_err(|e| self.not_found_or(e, model))?;
+        let response = self.http.send(call).await.map_err(|e| e.for_model(model))?;
         let body: Value = response
             .json()
             .await

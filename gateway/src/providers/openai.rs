@@ -82,18 +82,13 @@ impl OpenAi {
         call: reqwest::RequestBuilder,
         model: Option<&str>,
     ) -> Result<reqwest::Response, ProviderError> {
-        self.http
-            .send(call)
-            .await
-            .map_err(|err| match (err, model) {
-                (ProviderError::Status { status: 404, .. }, Some(model)) => {
-                    ProviderError::ModelNotFound {
-                        provider: self.http.name,
-                        model: model.to_owned(),
-                    }
-                }
-                (other, _) => redact_error(other, &self.api_key),
-            })
+        self.http.send(call).await.map_err(|err| {
+            let err = redact_error(err, &self.api_key);
+            match model {
+                Some(model) => err.for_model(model),
+                None => err,
+            }
+        })
     }
 
     async fn json(&self, response: reqwest::Response) -> Result<Value, ProviderError> {
@@ -149,23 +144,9 @@ fn wire_message(m: &Message) -> Value {
         parts.push(json!({"type": "text", "text": m.content}));
     }
     parts.extend(m.images.iter().map(|image| {
-        json!({"type": "image_url", "image_url": {"url": format!("data:{};base64,{image}", image_mime(image))}})
+        json!({"type": "image_url", "image_url": {"url": format!("data:{};base64,{}", image.media_type, image.data)}})
     }));
     json!({"role": m.role.as_str(), "content": parts})
-}
-
-/// The image type of base64 `data`, from its magic bytes (the provider-neutral message keeps
-/// only the payload). OpenAI accepts PNG, JPEG, WEBP and GIF.
-fn image_mime(data: &str) -> &'static str {
-    if data.starts_with("/9j/") {
-        "image/jpeg"
-    } else if data.starts_with("R0lGOD") {
-        "image/gif"
-    } else if data.starts_with("UklGR") {
-        "image/webp"
-    } else {
-        "image/png"
-    }
 }
 
 /// What one `data:` payload of the chat stream means.
@@ -389,6 +370,7 @@ fn parse_embeddings(body: &Value) -> Result<Embeddings, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::providers::Image;
     use crate::providers::{ChatParams, Role};
     use proptest::prelude::*;
 
@@ -400,7 +382,7 @@ mod tests {
         Message {
             role,
             content: content.into(),
-            images: images.iter().map(|s| (*s).to_owned()).collect(),
+            images: images.iter().map(|s| Image::png(*s)).collect(),
         }
     }
 
@@ -414,7 +396,13 @@ mod tests {
             model: "o3-mini".into(),
             messages: vec![
                 message(Role::System, "be brief", &[]),
-                message(Role::User, "what is this?", &["iVBORw0KGgoAAA", "/9j/4AAQ"]),
+                Message {
+                    images: vec![
+                        Image::png("iVBORw0KGgoAAA"),
+                        Image { media_type: "image/jpeg".into(), data: "/9j/4AAQ".into() },
+                    ],
+                    ..message(Role::User, "what is this?", &[])
+                },
                 message(Role::Assistant, "", &[]),
                 message(Role::Tool, "42", &[]),
             ],
@@ -628,12 +616,12 @@ mod tests {
             .prop_map(|(role, content, images)| Message {
                 role,
                 content,
-                images,
+                images: images.into_iter().map(Image::png).collect(),
             })
     }
 
     /// The text and base64 images a wire message carries.
-    fn read_back(wire: &Value) -> (String, Vec<String>) {
+    fn read_back(wire: &Value) -> (String, Vec<Image>) {
         match &wire["content"] {
             Value::String(text) => (text.clone(), vec![]),
             Value::Array(parts) => {
@@ -644,7 +632,13 @@ mod tests {
                 let images = parts
                     .iter()
                     .filter_map(|p| p["image_url"]["url"].as_str())
-                    .map(|url| url.split_once(";base64,").unwrap().1.to_owned())
+                    .map(|url| {
+                        let (head, data) = url.split_once(";base64,").unwrap();
+                        Image {
+                            media_type: head.trim_start_matches("data:").to_owned(),
+                            data: data.to_owned(),
+                        }
+                    })
                     .collect();
                 (text, images)
             }
