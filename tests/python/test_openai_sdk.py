@@ -1,148 +1,34 @@
 """End-to-end: OpenAI's official Python SDK against a real `nself claw serve`.
 
 The session fixture starts `fake-upstream ollama` and `nself claw serve` as
-subprocesses (binaries from $CLAW_BIN_DIR, default <repo>/target/debug), each on
-a free port with a temporary data dir, and creates a key with the CLI.
+subprocesses (see conftest.py), each on a free port with a temporary data dir,
+and creates a key with the CLI.
 
     cargo build -p nself -p claw-tests
-    $(scripts/python-env.sh) -m pytest tests/python -q
+    $(scripts/python-env.sh | tail -1) -m pytest -q tests/python
 """
 
 import json
-import os
-import selectors
-import signal
-import socket
-import subprocess
 import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import openai
 import pytest
 from openai import OpenAI
 
-REPO = Path(__file__).resolve().parents[2]
-BIN_DIR = Path(os.environ.get("CLAW_BIN_DIR", REPO / "target" / "debug")).resolve()
-SECRET = "python-sdk-test-secret"
+from conftest import Stack, require_binaries
+
 REPLY = "Hello from the fake Ollama, via the SDK test."
-STARTUP_DEADLINE_S = 30.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def read_line(proc: subprocess.Popen, deadline: float) -> str:
-    """One line of `proc`'s stdout, or fail at `deadline`."""
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        while time.monotonic() < deadline:
-            if sel.select(timeout=0.1):
-                return proc.stdout.readline()
-            if proc.poll() is not None:
-                break
-    pytest.fail(f"{proc.args[0]} printed nothing (exit code {proc.poll()})")
-
-
-def wait_ready(url: str, proc: subprocess.Popen, log: Path, deadline: float) -> None:
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"gateway exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.05)
-    pytest.fail(f"{url}/readyz not 200 within {STARTUP_DEADLINE_S}s:\n{log.read_text()[-4000:]}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-class Gateway:
-    """A running gateway plus the key the tests use and a count of served calls."""
-
-    def __init__(self, url: str, key: str, key_id: str) -> None:
-        self.url = url
-        self.key = key
-        self.key_id = key_id
-        self.served = 0  # successful requests made with `key`
-
-    def cli(self, *args: str) -> str:
-        env = {**os.environ, "PLUGIN_INTERNAL_SECRET": SECRET}
-        out = subprocess.run(
-            [BIN_DIR / "nself", "claw", "api", "--url", self.url, *args],
-            env=env, capture_output=True, text=True, timeout=30, check=False,
-        )
-        assert out.returncode == 0, f"nself claw api {' '.join(args)}: {out.stderr}"
-        return out.stdout
-
-    def client(self, **kw) -> OpenAI:
-        return OpenAI(base_url=f"{self.url}/v1", api_key=self.key, timeout=15, **kw)
 
 
 @pytest.fixture(scope="session")
 def gw(tmp_path_factory):
-    for exe in ("nself", "fake-upstream"):
-        if not (BIN_DIR / exe).exists():
-            pytest.fail(f"{BIN_DIR / exe} missing: run `cargo build -p nself -p claw-tests`")
-    tmp = tmp_path_factory.mktemp("claw")
-    deadline = time.monotonic() + STARTUP_DEADLINE_S
-
-    fake = subprocess.Popen(
-        [BIN_DIR / "fake-upstream", "ollama", "--listen", "127.0.0.1:0", "--reply", REPLY],
-        stdout=subprocess.PIPE, text=True,
-    )
-    procs = [fake]
+    require_binaries()
+    stack = Stack(tmp_path_factory.mktemp("claw"))
     try:
-        line = read_line(fake, deadline)
-        assert line.startswith("listening on "), line
-        ollama_url = line.removeprefix("listening on ").strip()
-
-        url = f"http://127.0.0.1:{free_port()}"
-        log = tmp / "gateway.log"
-        env = {
-            **os.environ,
-            "CLAW_LISTEN": url.removeprefix("http://"),
-            "CLAW_DATA_DIR": str(tmp / "data"),
-            "PLUGIN_INTERNAL_SECRET": SECRET,
-            "OLLAMA_BASE_URL": ollama_url,
-            "NO_COLOR": "1",
-        }
-        # Keep the test hermetic: no real provider credentials from the caller's shell.
-        for var in ("GEMINI_API_KEYS", "OPENAI_API_KEY", "ANTHROPIC_API_KEY",
-                    "CLAW_KAFKA_BROKERS", "CLAW_DATABASE_URL"):
-            env.pop(var, None)
-        with log.open("w") as log_file:
-            server = subprocess.Popen(
-                [BIN_DIR / "nself", "claw", "serve"], env=env, cwd=tmp,
-                stdout=log_file, stderr=subprocess.STDOUT,
-            )
-        procs.append(server)
-        wait_ready(url, server, log, deadline)
-
-        probe = Gateway(url, "", "")
-        created = json.loads(probe.cli("keys", "create", "--name", "sdk", "--json"))
-        assert created["key"].startswith("sk-nself-")
-        yield Gateway(url, created["key"], created["id"])
+        ollama = stack.fake("ollama", "--reply", REPLY)
+        yield stack.gateway("gateway", {"OLLAMA_BASE_URL": ollama.url}, "sdk")
     finally:
-        for proc in reversed(procs):
-            stop(proc)
-        if fake.stdout:
-            fake.stdout.close()
+        stack.close()
 
 
 def test_chat_completion(gw):

@@ -1,0 +1,195 @@
+"""Shared helpers for the end-to-end tests: start `fake-upstream` and `nself claw serve` as
+subprocesses (binaries from $CLAW_BIN_DIR, default <repo>/target/debug), each on a free port
+with a temporary data dir, and drive the CLI.
+
+    cargo build -p nself -p claw-tests
+    $(scripts/python-env.sh | tail -1) -m pytest -q tests/python
+"""
+
+import json
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from openai import OpenAI
+
+REPO = Path(__file__).resolve().parents[2]
+BIN_DIR = Path(os.environ.get("CLAW_BIN_DIR", REPO / "target" / "debug")).resolve()
+SECRET = "python-sdk-test-secret"
+STARTUP_DEADLINE_S = 30.0
+# Provider settings the gateway must not pick up from the caller's shell or a `.env`.
+HERMETIC_UNSET = (
+    "GEMINI_API_KEYS", "GEMINI_BASE_URL", "GEMINI_MODEL",
+    "OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_MODEL", "OPENAI_EMBED_MODEL",
+    "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "ANTHROPIC_MODEL",
+    "OLLAMA_MODEL", "OLLAMA_EMBED_MODEL", "OLLAMA_MAX_INFLIGHT",
+    "CLAW_KAFKA_BROKERS", "CLAW_DATABASE_URL", "NSELF_CLAW_URL",
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_line(proc: subprocess.Popen, deadline: float) -> str:
+    """One line of `proc`'s stdout (an unbuffered binary pipe), or fail at `deadline`.
+
+    Reads byte by byte straight from the descriptor so that nothing is left in a Python
+    buffer where the selector cannot see it (the fakes print two lines at once)."""
+    fd = proc.stdout.fileno()
+    line = bytearray()
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while time.monotonic() < deadline:
+            if sel.select(timeout=0.1):
+                byte = os.read(fd, 1)
+                if not byte:
+                    break  # EOF: the process exited
+                if byte == b"\n":
+                    return line.decode()
+                line += byte
+            elif proc.poll() is not None:
+                break
+    pytest.fail(f"{proc.args[0]} printed no full line (got {bytes(line)!r}, exit code {proc.poll()})")
+
+
+def wait_ready(url: str, proc: subprocess.Popen, log: Path, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"gateway exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.05)
+    pytest.fail(f"{url}/readyz not 200 within {STARTUP_DEADLINE_S}s:\n{log.read_text()[-4000:]}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc.stdout:
+        proc.stdout.close()
+
+
+def require_binaries() -> None:
+    for exe in ("nself", "fake-upstream"):
+        if not (BIN_DIR / exe).exists():
+            pytest.fail(f"{BIN_DIR / exe} missing: run `cargo build -p nself -p claw-tests`")
+
+
+class Gateway:
+    """A running gateway plus the key the tests use and a count of served calls."""
+
+    def __init__(self, url: str, key: str, key_id: str) -> None:
+        self.url = url
+        self.key = key
+        self.key_id = key_id
+        self.served = 0  # successful requests made with `key`
+
+    def cli(self, *args: str) -> str:
+        env = {**os.environ, "PLUGIN_INTERNAL_SECRET": SECRET}
+        out = subprocess.run(
+            [BIN_DIR / "nself", "claw", "api", "--url", self.url, *args],
+            env=env, capture_output=True, text=True, timeout=30, check=False,
+        )
+        assert out.returncode == 0, f"nself claw api {' '.join(args)}: {out.stderr}"
+        return out.stdout
+
+    def client(self, **kw) -> OpenAI:
+        return OpenAI(base_url=f"{self.url}/v1", api_key=self.key, timeout=15, **kw)
+
+
+class Fake:
+    """A running `fake-upstream`: its base URL and, for openai/anthropic, the key it accepts."""
+
+    def __init__(self, url: str, api_key: str | None) -> None:
+        self.url = url
+        self.api_key = api_key
+
+
+class Stack:
+    """The subprocesses of one test module; `close()` stops them in reverse order."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.procs: list[subprocess.Popen] = []
+        self.deadline = time.monotonic() + STARTUP_DEADLINE_S
+
+    def fake(self, provider: str, *args: str) -> Fake:
+        """Starts `fake-upstream PROVIDER --listen 127.0.0.1:0 ARGS…`."""
+        proc = subprocess.Popen(
+            [BIN_DIR / "fake-upstream", provider, "--listen", "127.0.0.1:0", *args],
+            stdout=subprocess.PIPE, bufsize=0,
+        )
+        self.procs.append(proc)
+        line = read_line(proc, self.deadline)
+        assert line.startswith("listening on "), line
+        url = line.removeprefix("listening on ").strip()
+        api_key = None
+        if provider in ("openai", "anthropic"):
+            line = read_line(proc, self.deadline)
+            assert line.startswith("api-key "), line
+            api_key = line.removeprefix("api-key ").strip()
+        return Fake(url, api_key)
+
+    def gateway(self, name: str, env: dict[str, str], key_name: str) -> Gateway:
+        """Starts `nself claw serve` with `env` on top of a hermetic environment, waits for
+        `/readyz`, and creates a key named `key_name`."""
+        url = f"http://127.0.0.1:{free_port()}"
+        log = self.tmp / f"{name}.log"
+        full_env = {**os.environ}
+        for var in HERMETIC_UNSET:
+            full_env.pop(var, None)
+        full_env.update({
+            "CLAW_LISTEN": url.removeprefix("http://"),
+            "CLAW_DATA_DIR": str(self.tmp / f"{name}-data"),
+            "PLUGIN_INTERNAL_SECRET": SECRET,
+            "NO_COLOR": "1",
+            **env,
+        })
+        cwd = self.tmp / name
+        cwd.mkdir()  # no `.env` here
+        with log.open("w") as log_file:
+            server = subprocess.Popen(
+                [BIN_DIR / "nself", "claw", "serve"], env=full_env, cwd=cwd,
+                stdout=log_file, stderr=subprocess.STDOUT,
+            )
+        self.procs.append(server)
+        wait_ready(url, server, log, self.deadline)
+        probe = Gateway(url, "", "")
+        created = json.loads(probe.cli("keys", "create", "--name", key_name, "--json"))
+        assert created["key"].startswith("sk-nself-")
+        return Gateway(url, created["key"], created["id"])
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            stop(proc)
+
+
+def poll(check, what: str, timeout_s: float = 15.0):
+    """Calls `check()` until it returns a truthy value (returned) or `timeout_s` passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got = check()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} not seen within {timeout_s}s")
+        time.sleep(0.1)
