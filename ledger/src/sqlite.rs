@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{QueryBuilder, Row as _, Sqlite, SqlitePool};
+use sqlx::{QueryBuilder, Row as _, Sqlite, SqliteConnection, SqlitePool};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::event::Envelope;
@@ -72,6 +72,7 @@ impl SqliteLedger {
 
     async fn open_with(opts: SqliteConnectOptions) -> Result<Self, LedgerError> {
         let writer = SqlitePoolOptions::new()
+            .test_before_acquire(false)
             .max_connections(1)
             .min_connections(1)
             .idle_timeout(None)
@@ -80,6 +81,7 @@ impl SqliteLedger {
             .await?;
         sqlx::query(CREATE_TABLE).execute(&writer).await?;
         let reader = SqlitePoolOptions::new()
+            .test_before_acquire(false)
             .max_connections(4)
             .idle_timeout(None)
             .max_lifetime(None)
@@ -209,17 +211,33 @@ async fn write_loop(
 /// Rows per `INSERT` statement (4 parameters each, well under SQLite's limit).
 const ROWS_PER_INSERT: usize = 1000;
 
-/// Writes every row of `batch` in one transaction and returns each job's offsets and the new
-/// head. One multi-row `INSERT` per thousand rows: statements, not rows, are what cost here.
+/// Writes every row of `batch` atomically and returns each job's offsets and the new head.
+/// Statements, not rows, are what cost here: up to a thousand rows go in one multi-row
+/// `INSERT`, which SQLite commits atomically on its own; larger batches share a transaction.
 async fn commit(
     pool: &SqlitePool,
     batch: &[AppendJob],
     head: u64,
 ) -> Result<(Vec<Vec<u64>>, u64), sqlx::Error> {
+    let rows: Vec<&Row> = batch.iter().flat_map(|job| job.rows.iter()).collect();
+    if rows.len() <= ROWS_PER_INSERT {
+        let mut conn = pool.acquire().await?;
+        return write_rows(&mut conn, batch, &rows, head).await;
+    }
     // IMMEDIATE: take the write lock up front, so the busy timeout applies instead of a
     // read snapshot failing to upgrade when another writer committed in between.
     let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-    let rows: Vec<&Row> = batch.iter().flat_map(|job| job.rows.iter()).collect();
+    let written = write_rows(&mut tx, batch, &rows, head).await?;
+    tx.commit().await?;
+    Ok(written)
+}
+
+async fn write_rows(
+    conn: &mut SqliteConnection,
+    batch: &[AppendJob],
+    rows: &[&Row],
+    head: u64,
+) -> Result<(Vec<Vec<u64>>, u64), sqlx::Error> {
     let mut seqs: HashMap<String, i64> = HashMap::with_capacity(rows.len());
     for chunk in rows.chunks(ROWS_PER_INSERT) {
         let mut insert = QueryBuilder::<Sqlite>::new(
@@ -232,7 +250,7 @@ async fn commit(
                 .push_bind(json.as_str());
         });
         insert.push(" ON CONFLICT (event_id) DO NOTHING RETURNING event_id, seq");
-        let written: Vec<(String, i64)> = insert.build_query_as().fetch_all(&mut *tx).await?;
+        let written: Vec<(String, i64)> = insert.build_query_as().fetch_all(&mut *conn).await?;
         seqs.extend(written);
     }
     let mut new_head = head;
@@ -246,7 +264,7 @@ async fn commit(
                 None => {
                     sqlx::query_scalar("SELECT seq FROM ledger WHERE event_id = ?")
                         .bind(event_id)
-                        .fetch_one(&mut *tx)
+                        .fetch_one(&mut *conn)
                         .await?
                 }
             };
@@ -255,6 +273,5 @@ async fn commit(
         }
         all.push(offsets);
     }
-    tx.commit().await?;
     Ok((all, new_head))
 }

@@ -53,6 +53,7 @@ impl ReadModels {
         install_default_drivers();
         let sqlite = url.starts_with("sqlite:");
         let pool = AnyPoolOptions::new()
+            .test_before_acquire(false)
             .max_connections(max_connections)
             .min_connections(u32::from(!sqlite || url.contains("memory")))
             .idle_timeout(if url.contains("memory") { None } else { Some(Duration::from_mins(10)) })
