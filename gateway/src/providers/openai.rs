@@ -399,7 +399,10 @@ mod tests {
                 Message {
                     images: vec![
                         Image::png("iVBORw0KGgoAAA"),
-                        Image { media_type: "image/jpeg".into(), data: "/9j/4AAQ".into() },
+                        Image {
+                            media_type: "image/jpeg".into(),
+                            data: "/9j/4AAQ".into(),
+                        },
                     ],
                     ..message(Role::User, "what is this?", &[])
                 },

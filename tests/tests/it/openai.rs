@@ -135,7 +135,9 @@ async fn every_setting_passes_openais_request_schema() {
     req.messages.push(Message {
         role: Role::User,
         content: "and this?".into(),
-        images: vec![claw_gateway::providers::Image::png("iVBORw0KGgoAAAANSUhEUg==")],
+        images: vec![claw_gateway::providers::Image::png(
+            "iVBORw0KGgoAAAANSUhEUg==",
+        )],
     });
     req.messages.push(Message {
         role: Role::Assistant,
