@@ -279,7 +279,10 @@ async fn an_event_twice_in_one_batch_counts_once() {
     let store = ReadModels::open_scratch().await.unwrap();
     let served_once = served("k1", Tier::Local, "llama3.2", 10, 5, "0");
     let events = vec![created("k1", "alpha"), served_once.clone(), served_once];
-    let outcome = store.fold_batch("ledger", &recorded(&events)).await.unwrap();
+    let outcome = store
+        .fold_batch("ledger", &recorded(&events))
+        .await
+        .unwrap();
     assert_eq!(outcome.applied, 2);
     let doc = store.usage(&UsageFilter::default()).await.unwrap();
     assert_eq!(doc.totals.requests, 1);
