@@ -1,42 +1,109 @@
-//! `bench-gateway`: the latency the gateway adds to a whole (non-streamed) chat request.
+//! `bench-gateway`: the latency and memory `nself claw serve` adds to chat requests.
 //!
-//! Drives the same open-loop load twice: straight at a fake Ollama's `/api/chat`
-//! (`"stream": false`), then through `nself claw serve` (`POST /v1/chat/completions`,
-//! routed to that same fake), and prints the latency percentiles of each, their
-//! difference (the added latency), throughput and errors. See `bench/README.md`.
+//! Three modes (see `bench/README.md`):
+//!
+//! - `whole` (the default; the subcommand may be left out): the same open-loop load of
+//!   whole (non-streamed) chat requests straight at a fake Ollama's `/api/chat`
+//!   (`"stream": false`), then through the gateway (`POST /v1/chat/completions`, routed to
+//!   that same fake); prints the latency percentiles of each, their difference (the added
+//!   latency), throughput and errors.
+//! - `ttft`: the same, with streamed requests (`"stream": true`), timing the first
+//!   non-empty content (an NDJSON `message.content` directly, an SSE
+//!   `choices[0].delta.content` through the gateway) and the whole stream.
+//! - `streams`: opens `--count` streams through the gateway at once, each lasting
+//!   seconds, and samples the gateway's resident memory while all of them are open.
 //!
 //! ```text
-//! bench-gateway [--rate 1000] [--duration 20] [--concurrency 128] [--json]
-//!               [--gateway-url URL --ollama-url URL [--key KEY]]
+//! bench-gateway [whole] [--rate 1000] [--duration 20] [--concurrency 128] [--json]
+//! bench-gateway ttft [--rate 200] [--duration 20] [--chunk-delay-ms 20] [--json]
+//! bench-gateway streams [--count 1000] [--words 30] [--chunk-delay-ms 400] [--json]
+//!     (every mode: [--gateway-url URL [--gateway-pid PID]] [--ollama-url URL] [--key KEY])
 //! ```
 //!
 //! Without `--gateway-url` it starts `fake-upstream ollama` and `nself claw serve`
 //! (from `--bin-dir`, default: this executable's directory) with a temporary
-//! data dir, `OLLAMA_MAX_INFLIGHT=256`, and creates a key with `--rpm 1000000`.
+//! data dir and `OLLAMA_MAX_INFLIGHT` at least the most requests the mode can have
+//! in flight, and creates a key with `--rpm 1000000`.
 //!
 //! Pacing is open-loop: request `i` is due at `start + i / rate`, whatever
 //! happened to earlier requests. A dedicated OS thread releases each request at
 //! its due time; at most `--concurrency` are in flight, and a request that has
-//! to wait for a slot waits in line. Latency is measured from the due time to
-//! the last byte of the response, so queueing (in the client, the gateway or
-//! the upstream) counts; "service" latency, from the actual send, is shown too.
+//! to wait for a slot waits in line. Latency is measured from the due time, so
+//! queueing (in the client, the gateway or the upstream) counts; "service"
+//! latency, from the actual send, is shown too.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use clap::{Parser, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::Semaphore;
 
 #[derive(Parser, Debug)]
-#[command(about = "Measures the latency nself claw serve adds to whole chat requests")]
-struct Args {
+#[command(
+    about = "Measures the latency and memory nself claw serve adds to chat requests",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    mode: Option<Mode>,
+    /// Options of the default mode, `whole`.
+    #[command(flatten)]
+    whole: WholeArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Mode {
+    /// Latency added to whole (non-streamed) chat requests (the default).
+    Whole(WholeArgs),
+    /// Time to first token (and whole stream time) added to streamed chat requests.
+    Ttft(TtftArgs),
+    /// The gateway's memory with many streams open at once.
+    Streams(StreamsArgs),
+}
+
+/// Options of every mode.
+#[derive(Args, Debug, Clone)]
+struct Common {
+    /// Model asked of the gateway.
+    #[arg(long, default_value = "auto")]
+    model: String,
+    /// Model asked of Ollama directly (what the gateway's local tier asks for).
+    #[arg(long, default_value = "llama3.2")]
+    ollama_model: String,
+    /// Use this running gateway instead of starting one (the direct run then needs --ollama-url).
+    #[arg(long)]
+    gateway_url: Option<String>,
+    /// PID of the gateway at --gateway-url, for its CPU and memory figures.
+    #[arg(long, requires = "gateway_url")]
+    gateway_pid: Option<u32>,
+    /// Use this running (fake) Ollama instead of starting one.
+    #[arg(long)]
+    ollama_url: Option<String>,
+    /// Gateway key to use; default: create one with `nself claw api keys create --rpm 1000000`.
+    #[arg(long)]
+    key: Option<String>,
+    /// Where `nself` and `fake-upstream` are; default: this executable's directory.
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// `OLLAMA_MAX_INFLIGHT` for a gateway this tool starts [default: 256, or the most
+    /// requests the mode can have in flight if that is more].
+    #[arg(long)]
+    max_inflight: Option<usize>,
+    /// Print the results as one JSON document instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+struct WholeArgs {
     /// Requests per second (open loop).
     #[arg(long, default_value_t = 1000.0)]
     rate: f64,
@@ -55,27 +122,6 @@ struct Args {
     /// Which targets to drive.
     #[arg(long, value_enum, default_value_t = Only::Both)]
     only: Only,
-    /// Model asked of the gateway.
-    #[arg(long, default_value = "auto")]
-    model: String,
-    /// Model asked of Ollama directly (what the gateway's local tier asks for).
-    #[arg(long, default_value = "llama3.2")]
-    ollama_model: String,
-    /// Use this running gateway instead of starting one (needs --ollama-url).
-    #[arg(long, requires = "ollama_url")]
-    gateway_url: Option<String>,
-    /// Use this running (fake) Ollama instead of starting one.
-    #[arg(long)]
-    ollama_url: Option<String>,
-    /// Gateway key to use; default: create one with `nself claw api keys create --rpm 1000000`.
-    #[arg(long)]
-    key: Option<String>,
-    /// Where `nself` and `fake-upstream` are; default: this executable's directory.
-    #[arg(long)]
-    bin_dir: Option<PathBuf>,
-    /// `OLLAMA_MAX_INFLIGHT` for a gateway this tool starts.
-    #[arg(long, default_value_t = 256)]
-    max_inflight: usize,
     /// Reply text of a fake Ollama this tool starts.
     #[arg(long, default_value = "Hello from the fake Ollama.")]
     reply: String,
@@ -84,9 +130,64 @@ struct Args {
     /// itself makes upstream, so the difference is then the gateway alone.
     #[arg(long)]
     direct_stream: bool,
-    /// Print the results as one JSON document instead of a table.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args, Debug, Clone)]
+struct TtftArgs {
+    /// Streamed requests per second (open loop).
+    #[arg(long, default_value_t = 200.0)]
+    rate: f64,
+    /// Seconds of measured load for each target.
+    #[arg(long, default_value_t = 20.0)]
+    duration: f64,
+    /// Seconds of unmeasured load before each measured run.
+    #[arg(long, default_value_t = 2.0)]
+    warmup: f64,
+    /// Most streams in flight at once; later ones wait (and that wait counts).
+    #[arg(long, default_value_t = 512)]
+    concurrency: usize,
+    /// Per-stream timeout in seconds (counted as an error).
+    #[arg(long, default_value_t = 30.0)]
+    timeout: f64,
+    /// Which targets to drive.
+    #[arg(long, value_enum, default_value_t = Only::Both)]
+    only: Only,
+    /// Words in the reply of a fake Ollama this tool starts (one stream chunk each).
+    #[arg(long, default_value_t = 20)]
+    words: usize,
+    /// Pause between the stream chunks of a fake Ollama this tool starts, in ms. The
+    /// first chunk is not delayed, so it does not change the time to first token.
+    #[arg(long, default_value_t = 20)]
+    chunk_delay_ms: u64,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args, Debug, Clone)]
+struct StreamsArgs {
+    /// Streams open at once.
+    #[arg(long, default_value_t = 1000)]
+    count: usize,
+    /// Seconds over which the streams are opened, evenly (open loop).
+    #[arg(long, default_value_t = 2.0)]
+    ramp: f64,
+    /// Words in the reply of a fake Ollama this tool starts (one stream chunk each).
+    #[arg(long, default_value_t = 30)]
+    words: usize,
+    /// Pause between the stream chunks of a fake Ollama this tool starts, in ms; a
+    /// stream lasts about words × this (the first chunk is not delayed, the last one is).
+    #[arg(long, default_value_t = 400)]
+    chunk_delay_ms: u64,
+    /// Per-stream timeout in seconds (counted as an error).
+    #[arg(long, default_value_t = 120.0)]
+    timeout: f64,
+    /// Milliseconds between samples of the gateway's memory.
+    #[arg(long, default_value_t = 250)]
+    sample_ms: u64,
+    #[command(flatten)]
+    common: Common,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -98,21 +199,100 @@ enum Only {
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
+/// How a reply is read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wire {
+    /// Read to the end, unparsed.
+    Whole,
+    /// Ollama's NDJSON stream: first `message.content`, ends with `"done": true`.
+    Ndjson,
+    /// The gateway's SSE stream: first `choices[0].delta.content`, ends with `data: [DONE]`.
+    Sse,
+}
+
 /// What one run sends.
 #[derive(Clone)]
 struct Target {
     name: &'static str,
     url: String,
     body: bytes::Bytes,
+    /// The gateway key; set for the gateway, which must then answer from the local tier.
     bearer: Option<String>,
+    wire: Wire,
 }
 
 enum Outcome {
     Ok,
-    Status(u16),
+    /// A non-2xx status, with the start of the body.
+    Status(u16, String),
     Timeout,
-    Connect,
-    Other,
+    Connect(String),
+    /// The gateway served the request from another tier than `local`.
+    WrongTier(String),
+    /// The stream ended without its end marker.
+    Incomplete,
+    /// The stream ended properly but carried no content.
+    NoContent,
+    /// An error object in the stream.
+    StreamError(String),
+    Other(String),
+}
+
+impl Outcome {
+    fn from_error(e: &reqwest::Error) -> Outcome {
+        if e.is_timeout() {
+            Outcome::Timeout
+        } else if e.is_connect() {
+            Outcome::Connect(error_chain(e))
+        } else {
+            Outcome::Other(error_chain(e))
+        }
+    }
+
+    /// The error's kind, or `None` for success.
+    fn kind(&self) -> Option<String> {
+        Some(match self {
+            Outcome::Ok => return None,
+            Outcome::Status(code, _) => format!("http_{code}"),
+            Outcome::Timeout => "timeout".into(),
+            Outcome::Connect(_) => "connect".into(),
+            Outcome::WrongTier(tier) => format!("tier_{tier}"),
+            Outcome::Incomplete => "incomplete".into(),
+            Outcome::NoContent => "no_content".into(),
+            Outcome::StreamError(_) => "stream_error".into(),
+            Outcome::Other(_) => "other".into(),
+        })
+    }
+
+    fn detail(&self) -> Option<&str> {
+        match self {
+            Outcome::Status(_, d)
+            | Outcome::Connect(d)
+            | Outcome::StreamError(d)
+            | Outcome::Other(d) => Some(d),
+            _ => None,
+        }
+    }
+}
+
+/// An error and its sources, `: `-separated (reqwest's own message hides the cause).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let _ = write!(out, ": {s}");
+        source = s.source();
+    }
+    out
+}
+
+/// The first 300 characters of `s`, on one line.
+fn snippet(s: &str) -> String {
+    let one_line = s.trim().replace('\n', " ");
+    match one_line.char_indices().nth(300) {
+        Some((at, _)) => format!("{}…", &one_line[..at]),
+        None => one_line,
+    }
 }
 
 struct Sample {
@@ -122,7 +302,112 @@ struct Sample {
     service_us: u64,
     /// Due time → actual send, µs (client-side lateness and queueing).
     lag_us: u64,
+    /// Due time → first non-empty content, µs (streams only).
+    first_us: Option<u64>,
     outcome: Outcome,
+}
+
+/// Live counts of a run, for watching it while it goes on.
+#[derive(Default)]
+struct Progress {
+    /// Streams that have received their first content.
+    first: AtomicUsize,
+    /// Requests finished, whatever the outcome.
+    ended: AtomicUsize,
+    /// Of those, the ones that had received content.
+    ended_after_first: AtomicUsize,
+}
+
+impl Progress {
+    /// Streams that have received content and not ended yet.
+    fn open(&self) -> usize {
+        let ended = self.ended_after_first.load(Ordering::SeqCst);
+        self.first.load(Ordering::SeqCst).saturating_sub(ended)
+    }
+}
+
+/// Reads a streamed reply line by line: has content arrived, did it end properly?
+#[derive(Default)]
+struct StreamScan {
+    /// An incomplete last line.
+    pending: Vec<u8>,
+    content: bool,
+    done: bool,
+    error: Option<String>,
+}
+
+impl StreamScan {
+    /// Takes the next bytes of the body; true if they held the first content.
+    fn feed(&mut self, wire: Wire, bytes: &[u8]) -> bool {
+        let had_content = self.content;
+        let mut buf = std::mem::take(&mut self.pending);
+        buf.extend_from_slice(bytes);
+        let mut start = 0;
+        while let Some(n) = buf[start..].iter().position(|&b| b == b'\n') {
+            self.line(wire, &buf[start..start + n]);
+            start += n + 1;
+        }
+        buf.drain(..start);
+        self.pending = buf;
+        !had_content && self.content
+    }
+
+    fn line(&mut self, wire: Wire, line: &[u8]) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let payload = if wire == Wire::Sse {
+            match line.strip_prefix(b"data:") {
+                Some(p) => p.strip_prefix(b" ").unwrap_or(p),
+                None => return, // blank separator, comment, or another field
+            }
+        } else {
+            line
+        };
+        if payload.iter().all(u8::is_ascii_whitespace) {
+            return;
+        }
+        if wire == Wire::Sse && payload == b"[DONE]" {
+            self.done = true;
+            return;
+        }
+        let Ok(v) = serde_json::from_slice::<Value>(payload) else {
+            let text = String::from_utf8_lossy(payload);
+            self.error
+                .get_or_insert_with(|| format!("not JSON: {}", snippet(&text)));
+            return;
+        };
+        if let Some(e) = v.get("error") {
+            let message = e
+                .get("message")
+                .and_then(Value::as_str)
+                .or_else(|| e.as_str())
+                .map_or_else(|| e.to_string(), str::to_owned);
+            self.error.get_or_insert_with(|| snippet(&message));
+            return;
+        }
+        let content = if wire == Wire::Sse {
+            &v["choices"][0]["delta"]["content"]
+        } else {
+            &v["message"]["content"]
+        };
+        if content.as_str().is_some_and(|c| !c.is_empty()) {
+            self.content = true;
+        }
+        if wire == Wire::Ndjson && v["done"] == true {
+            self.done = true;
+        }
+    }
+
+    fn outcome(self) -> Outcome {
+        if let Some(e) = self.error {
+            Outcome::StreamError(e)
+        } else if !self.done {
+            Outcome::Incomplete
+        } else if !self.content {
+            Outcome::NoContent
+        } else {
+            Outcome::Ok
+        }
+    }
 }
 
 /// CPU time of a process (utime + stime), in clock ticks.
@@ -143,6 +428,36 @@ fn all_process_ticks() -> HashMap<u32, u64> {
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter_map(|pid| Some((pid, process_ticks(pid)?)))
         .collect()
+}
+
+/// A `kB` field of `/proc/PID/status` (`VmRSS`, `VmHWM`, ...).
+fn status_kb(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|line| {
+        line.strip_prefix(field)?
+            .strip_prefix(':')?
+            .trim()
+            .strip_suffix("kB")?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// File descriptors a process has open.
+fn open_fds(pid: u32) -> Option<usize> {
+    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
+}
+
+/// This process's soft limit on open files.
+fn open_files_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 fn loadavg() -> String {
@@ -201,7 +516,13 @@ fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
-async fn send(client: &reqwest::Client, target: &Target) -> Outcome {
+/// Sends one request and reads its reply to the end; returns the outcome and, for
+/// streams, when the first content arrived.
+async fn send(
+    client: &reqwest::Client,
+    target: &Target,
+    progress: &Progress,
+) -> (Outcome, Option<Instant>) {
     let mut req = client
         .post(&target.url)
         .header("content-type", "application/json")
@@ -209,25 +530,45 @@ async fn send(client: &reqwest::Client, target: &Target) -> Outcome {
     if let Some(key) = &target.bearer {
         req = req.bearer_auth(key);
     }
-    let classify = |e: &reqwest::Error| {
-        if e.is_timeout() {
-            Outcome::Timeout
-        } else if e.is_connect() {
-            Outcome::Connect
-        } else {
-            Outcome::Other
-        }
+    let mut resp = match req.send().await {
+        Ok(resp) => resp,
+        Err(e) => return (Outcome::from_error(&e), None),
     };
-    match req.send().await {
-        Ok(resp) => {
-            let status = resp.status();
-            match resp.bytes().await {
-                Ok(_) if status.is_success() => Outcome::Ok,
-                Ok(_) => Outcome::Status(status.as_u16()),
-                Err(e) => classify(&e),
-            }
+    let status = resp.status();
+    if !status.is_success() {
+        let body = resp.text().await.unwrap_or_default();
+        return (Outcome::Status(status.as_u16(), snippet(&body)), None);
+    }
+    if target.bearer.is_some() {
+        let tier = resp
+            .headers()
+            .get("x-nself-tier")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("none");
+        if tier != "local" {
+            return (Outcome::WrongTier(tier.to_owned()), None);
         }
-        Err(e) => classify(&e),
+    }
+    if target.wire == Wire::Whole {
+        return match resp.bytes().await {
+            Ok(_) => (Outcome::Ok, None),
+            Err(e) => (Outcome::from_error(&e), None),
+        };
+    }
+    let mut scan = StreamScan::default();
+    let mut first = None;
+    loop {
+        match resp.chunk().await {
+            Ok(Some(bytes)) => {
+                let at = Instant::now();
+                if scan.feed(target.wire, &bytes) {
+                    first = Some(at);
+                    progress.first.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+            Ok(None) => return (scan.outcome(), first),
+            Err(e) => return (Outcome::from_error(&e), first),
+        }
     }
 }
 
@@ -235,22 +576,21 @@ fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
-/// Sends `rate × secs` requests on an open-loop schedule; returns every sample
-/// and the wall time from the first due time to the last completion.
+/// Sends `total` requests on an open-loop schedule of `rate` per second; returns every
+/// sample and the wall time from the first due time to the last completion.
 async fn drive(
-    client: &reqwest::Client,
-    target: &Target,
+    client: reqwest::Client,
+    target: Target,
     rate: f64,
-    secs: f64,
+    total: usize,
     concurrency: usize,
+    progress: Arc<Progress>,
 ) -> (Vec<Sample>, Duration) {
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-    let total = (rate * secs).round().max(0.0) as usize;
     let samples = Arc::new(Mutex::new(Vec::with_capacity(total)));
     let slots = Arc::new(Semaphore::new(concurrency.max(1)));
     let start = Instant::now() + Duration::from_millis(20);
     let handle = tokio::runtime::Handle::current();
-    let (client, target, sink) = (client.clone(), target.clone(), Arc::clone(&samples));
+    let sink = Arc::clone(&samples);
     // A plain thread keeps the schedule: its sleep is far finer than tokio's 1 ms timer.
     let pacer = std::thread::spawn(move || {
         let mut tasks = Vec::with_capacity(total);
@@ -261,21 +601,27 @@ async fn drive(
             if due > now {
                 std::thread::sleep(due - now);
             }
-            let (client, target, sink, slots) = (
+            let (client, target, sink, slots, progress) = (
                 client.clone(),
                 target.clone(),
                 Arc::clone(&sink),
                 Arc::clone(&slots),
+                Arc::clone(&progress),
             );
             tasks.push(handle.spawn(async move {
                 let _slot = slots.acquire_owned().await.expect("semaphore open");
                 let sent = Instant::now();
-                let outcome = send(&client, &target).await;
+                let (outcome, first) = send(&client, &target, &progress).await;
                 let done = Instant::now();
+                progress.ended.fetch_add(1, Ordering::SeqCst);
+                if first.is_some() {
+                    progress.ended_after_first.fetch_add(1, Ordering::SeqCst);
+                }
                 let sample = Sample {
                     total_us: micros(done - due),
                     service_us: micros(done - sent),
                     lag_us: micros(sent.saturating_duration_since(due)),
+                    first_us: first.map(|f| micros(f.saturating_duration_since(due))),
                     outcome,
                 };
                 sink.lock()
@@ -315,6 +661,22 @@ fn percentile(v: &[u64], p: f64) -> u64 {
 
 const PERCENTILES: [(&str, f64); 4] = [("p50", 50.0), ("p90", 90.0), ("p99", 99.0), ("max", 100.0)];
 
+/// The distributions a whole-request run reports, with their titles.
+const WHOLE_SECTIONS: &[(&str, &str)] = &[
+    ("latency", "latency from scheduled send to last byte (ms)"),
+    ("service", "latency from actual send to last byte (ms)"),
+];
+
+/// The distributions a streamed run reports, with their titles.
+const TTFT_SECTIONS: &[(&str, &str)] = &[
+    ("ttft", "time to first token from scheduled send (ms)"),
+    ("ttft_service", "time to first token from actual send (ms)"),
+    (
+        "latency",
+        "whole stream, from scheduled send to last byte (ms)",
+    ),
+];
+
 fn distribution(mut v: Vec<u64>) -> Value {
     v.sort_unstable();
     let mut out = serde_json::Map::new();
@@ -324,28 +686,45 @@ fn distribution(mut v: Vec<u64>) -> Value {
     Value::Object(out)
 }
 
+/// Distinct error details shown, at most.
+const MAX_DETAILS: usize = 20;
+
 #[allow(clippy::cast_precision_loss)]
-fn summarize(samples: Vec<Sample>, wall: Duration, rate: f64, cpu: &Value) -> Value {
+fn summarize(
+    samples: Vec<Sample>,
+    wall: Duration,
+    rate: f64,
+    cpu: &Value,
+    streamed: bool,
+) -> Value {
     let mut errors: BTreeMap<String, usize> = BTreeMap::new();
+    let mut details: BTreeMap<String, usize> = BTreeMap::new();
     let (mut total, mut service, mut lag) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut ttft, mut ttft_service) = (Vec::new(), Vec::new());
     let sent = samples.len();
     for s in samples {
-        let kind = match s.outcome {
-            Outcome::Ok => {
-                total.push(s.total_us);
-                service.push(s.service_us);
-                lag.push(s.lag_us);
-                continue;
+        let Some(kind) = s.outcome.kind() else {
+            total.push(s.total_us);
+            service.push(s.service_us);
+            lag.push(s.lag_us);
+            if let Some(first) = s.first_us {
+                ttft.push(first);
+                ttft_service.push(first.saturating_sub(s.lag_us));
             }
-            Outcome::Status(code) => format!("http_{code}"),
-            Outcome::Timeout => "timeout".into(),
-            Outcome::Connect => "connect".into(),
-            Outcome::Other => "other".into(),
+            continue;
         };
+        if let Some(detail) = s.outcome.detail() {
+            let key = format!("{kind}: {detail}");
+            if details.len() < MAX_DETAILS || details.contains_key(&key) {
+                *details.entry(key).or_default() += 1;
+            } else {
+                *details.entry("(other details)".into()).or_default() += 1;
+            }
+        }
         *errors.entry(kind).or_default() += 1;
     }
     let ok = total.len();
-    json!({
+    let mut out = json!({
         "offered_rps": rate,
         "sent": sent,
         "ok": ok,
@@ -355,7 +734,15 @@ fn summarize(samples: Vec<Sample>, wall: Duration, rate: f64, cpu: &Value) -> Va
         "service": distribution(service),
         "send_lag": distribution(lag),
         "cpu_cores": cpu,
-    })
+    });
+    if streamed {
+        out["ttft"] = distribution(ttft);
+        out["ttft_service"] = distribution(ttft_service);
+    }
+    if !details.is_empty() {
+        out["error_details"] = json!(details);
+    }
+    out
 }
 
 fn added(gateway: &Value, direct: &Value, what: &str) -> Value {
@@ -374,20 +761,55 @@ fn ms(us: &Value) -> String {
     format!("{:.3}", us.as_i64().unwrap_or(0) as f64 / 1000.0)
 }
 
-fn table(report: &Value) -> String {
+/// A header and one row per `(name, distribution)`, in ms.
+fn percentile_rows(out: &mut String, title: &str, rows: &[(&str, &Value)]) {
+    let _ = writeln!(out, "{title}");
+    let _ = writeln!(
+        out,
+        "  {:<10}{:>10}{:>10}{:>10}{:>10}",
+        "", "p50", "p90", "p99", "max"
+    );
+    for (name, d) in rows {
+        let _ = write!(out, "  {name:<10}");
+        for (p, _) in PERCENTILES {
+            let _ = write!(out, "{:>10}", ms(&d[format!("{p}_us")]));
+        }
+        out.push('\n');
+    }
+    out.push('\n');
+}
+
+/// Error details and the gateway's warnings, if the report has any.
+fn problems(out: &mut String, report: &Value) {
+    for name in ["direct", "gateway", "streams"] {
+        if let Some(details) = report[name]["error_details"].as_object() {
+            let _ = writeln!(out, "{name} errors:");
+            for (detail, n) in details {
+                let _ = writeln!(out, "  {n} × {detail}");
+            }
+        }
+    }
+    if let Some(exit) = report["gateway_exited"].as_str() {
+        let _ = writeln!(out, "the gateway exited during the run: {exit}");
+    }
+    if let Some(lines) = report["gateway_log"].as_array() {
+        let _ = writeln!(out, "gateway log, warnings and errors (count × line):");
+        for line in lines {
+            let _ = writeln!(
+                out,
+                "  {} × {}",
+                line["count"],
+                line["line"].as_str().unwrap_or("")
+            );
+        }
+    }
+}
+
+fn table(report: &Value, sections: &[(&str, &str)]) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "machine: {}", report["machine"]);
     let _ = writeln!(out, "load: {}\n", report["load"]);
-    for (what, title) in [
-        ("latency", "latency from scheduled send to last byte (ms)"),
-        ("service", "latency from actual send to last byte (ms)"),
-    ] {
-        let _ = writeln!(out, "{title}");
-        let _ = writeln!(
-            out,
-            "  {:<10}{:>10}{:>10}{:>10}{:>10}",
-            "", "p50", "p90", "p99", "max"
-        );
+    for (what, title) in sections {
         let mut rows: Vec<(&str, &Value)> = Vec::new();
         for name in ["direct", "gateway"] {
             if let Some(r) = report.get(name) {
@@ -397,14 +819,7 @@ fn table(report: &Value) -> String {
         if let Some(a) = report.get("added") {
             rows.push(("added", &a[what]));
         }
-        for (name, d) in rows {
-            let _ = write!(out, "  {name:<10}");
-            for (p, _) in PERCENTILES {
-                let _ = write!(out, "{:>10}", ms(&d[format!("{p}_us")]));
-            }
-            out.push('\n');
-        }
-        out.push('\n');
+        percentile_rows(&mut out, title, &rows);
     }
     for name in ["direct", "gateway"] {
         if let Some(r) = report.get(name) {
@@ -422,10 +837,78 @@ fn table(report: &Value) -> String {
             );
         }
     }
+    problems(&mut out, report);
     out
 }
 
-/// Processes this tool started; stopped on drop of the returned guard.
+/// `kB` as `MiB (MB)`.
+#[allow(clippy::cast_precision_loss)]
+fn mem(kb: &Value) -> String {
+    match kb.as_u64() {
+        Some(kb) => format!(
+            "{:.1} MiB ({:.1} MB)",
+            kb as f64 / 1024.0,
+            kb as f64 * 1024.0 / 1e6
+        ),
+        None => "n/a".into(),
+    }
+}
+
+fn streams_table(report: &Value) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "machine: {}", report["machine"]);
+    let _ = writeln!(out, "load: {}\n", report["load"]);
+    let s = &report["streams"];
+    let r = &report["rss_kb"];
+    let _ = writeln!(
+        out,
+        "streams: sent {} ok {} (ended with data: [DONE]) errors {}",
+        s["sent"], s["ok"], s["errors"]
+    );
+    let w = &report["all_open"];
+    let _ = writeln!(
+        out,
+        "all {} open at once in {} of {} samples (from {} s to {} s after the load started)\n",
+        report["load"]["count"], w["samples"], report["samples"], w["from_s"], w["to_s"],
+    );
+    let _ = writeln!(out, "gateway resident memory");
+    for (key, title) in [
+        ("baseline", "baseline, before the load"),
+        ("peak_all_open", "peak, all streams open"),
+        ("mean_all_open", "mean, all streams open"),
+        ("peak_sampled", "peak, any sample"),
+        ("hwm_end", "VmHWM at the end"),
+        ("after", "after the streams closed"),
+    ] {
+        let _ = writeln!(out, "  {title:<28}{}", mem(&r[key]));
+    }
+    let _ = writeln!(
+        out,
+        "  {:<28}{}\n",
+        "open fds, most sampled", report["gateway_fds_max"]
+    );
+    percentile_rows(
+        &mut out,
+        "time to first token from scheduled send (ms)",
+        &[("gateway", &s["ttft"])],
+    );
+    percentile_rows(
+        &mut out,
+        "whole stream, from scheduled send to last byte (ms)",
+        &[("gateway", &s["latency"])],
+    );
+    let _ = writeln!(
+        out,
+        "send lag p99 {} ms, cpu cores {}",
+        ms(&s["send_lag"]["p99_us"]),
+        s["cpu_cores"]
+    );
+    problems(&mut out, report);
+    out
+}
+
+/// Processes this tool started; stopped by `stop`.
+#[derive(Default)]
 struct Spawned {
     fake: Option<Child>,
     gateway: Option<Child>,
@@ -454,11 +937,35 @@ impl Spawned {
         }
         drop(self.data.take());
     }
+
+    /// How the started gateway exited, if it has.
+    fn gateway_exit(&mut self) -> Option<String> {
+        let status = self.gateway.as_mut()?.try_wait().ok()??;
+        Some(status.to_string())
+    }
 }
 
-async fn start_fake(bin_dir: &Path, reply: &str) -> Result<(Child, String), Error> {
-    let mut child = Command::new(bin_dir.join("fake-upstream"))
-        .args(["ollama", "--listen", "127.0.0.1:0", "--reply", reply])
+/// What a fake Ollama this tool starts answers.
+struct FakeConfig {
+    reply: String,
+    chunk_delay_ms: u64,
+}
+
+/// A reply of `words` words: `w1 w2 w3 …`, streamed one word per chunk.
+fn reply_of(words: usize) -> String {
+    (1..=words.max(1))
+        .map(|i| format!("w{i}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+async fn start_fake(bin_dir: &Path, fake: &FakeConfig) -> Result<(Child, String), Error> {
+    let mut cmd = Command::new(bin_dir.join("fake-upstream"));
+    cmd.args(["ollama", "--listen", "127.0.0.1:0", "--reply", &fake.reply]);
+    if fake.chunk_delay_ms > 0 {
+        cmd.args(["--chunk-delay-ms", &fake.chunk_delay_ms.to_string()]);
+    }
+    let mut child = cmd
         .stdout(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -572,42 +1079,72 @@ async fn create_key(bin_dir: &Path, url: &str, secret: Option<&str>) -> Result<S
         .to_owned())
 }
 
-/// One request to each target before the load, so a misconfiguration fails loudly.
+/// The warnings and errors in the gateway's log, most frequent first. Timestamps, request
+/// ids and latencies are cut so that repeats count together.
+fn log_problems(log: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for line in text.lines() {
+        if !(line.contains("WARN") || line.contains("ERROR") || line.contains("panicked")) {
+            continue;
+        }
+        let mut words = line.split_whitespace().peekable();
+        // The timestamp, if the line starts with one.
+        words.next_if(|w| w.contains(':') && w.starts_with(|c: char| c.is_ascii_digit()));
+        let line: Vec<&str> = words
+            .filter(|w| !w.starts_with("request_id="))
+            .map(|w| {
+                if w.starts_with("latency=") {
+                    "latency=…"
+                } else {
+                    w
+                }
+            })
+            .collect();
+        *counts.entry(line.join(" ")).or_default() += 1;
+    }
+    let mut counts: Vec<(String, usize)> = counts.into_iter().collect();
+    counts.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    counts
+        .into_iter()
+        .take(MAX_DETAILS)
+        .map(|(line, count)| json!({"count": count, "line": snippet(&line)}))
+        .collect()
+}
+
+/// One request before the load, so a misconfiguration fails loudly.
 async fn check(client: &reqwest::Client, target: &Target) -> Result<(), Error> {
-    let mut req = client.post(&target.url).body(target.body.clone());
-    if let Some(key) = &target.bearer {
-        req = req.bearer_auth(key);
+    let outcome = send(client, target, &Progress::default()).await.0;
+    match outcome.kind() {
+        None => Ok(()),
+        Some(kind) => Err(format!(
+            "{} ({}) answered {kind}: {}",
+            target.name,
+            target.url,
+            outcome.detail().unwrap_or("")
+        )
+        .into()),
     }
-    let resp = req.send().await?;
-    let status = resp.status();
-    let tier = resp
-        .headers()
-        .get("x-nself-tier")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let body = resp.text().await?;
-    if !status.is_success() {
-        return Err(format!("{} answered {status}: {body}", target.name).into());
-    }
-    if target.bearer.is_some() && tier.as_deref() != Some("local") {
-        return Err(format!("gateway served tier {tier:?}, expected local").into());
-    }
-    Ok(())
 }
 
 #[tokio::main]
 async fn main() {
-    let args = Args::parse();
-    let mut spawned = Spawned {
-        fake: None,
-        gateway: None,
-        data: None,
+    let cli = Cli::parse();
+    let mode = cli.mode.unwrap_or(Mode::Whole(cli.whole));
+    let mut spawned = Spawned::default();
+    let (result, json) = match &mode {
+        Mode::Whole(a) => (run_whole(a, &mut spawned).await, a.common.json),
+        Mode::Ttft(a) => (run_ttft(a, &mut spawned).await, a.common.json),
+        Mode::Streams(a) => (run_streams(a, &mut spawned).await, a.common.json),
     };
-    let result = run(&args, &mut spawned).await;
     spawned.stop().await;
     match result {
-        Ok(report) if args.json => println!("{report:#}"),
-        Ok(report) => print!("{}", table(&report)),
+        Ok(report) if json => println!("{report:#}"),
+        Ok(report) => match mode {
+            Mode::Whole(_) => print!("{}", table(&report, WHOLE_SECTIONS)),
+            Mode::Ttft(_) => print!("{}", table(&report, TTFT_SECTIONS)),
+            Mode::Streams(_) => print!("{}", streams_table(&report)),
+        },
         Err(e) => {
             eprintln!("bench-gateway: {e}");
             std::process::exit(1);
@@ -615,122 +1152,451 @@ async fn main() {
     }
 }
 
-/// Starts what is not given, creates a key if needed; returns the targets in
-/// run order and the processes whose CPU use is worth reporting.
+/// The servers a run talks to, started or given.
+struct Env {
+    ollama_url: Option<String>,
+    gateway_url: Option<String>,
+    key: Option<String>,
+    /// The processes whose CPU use is worth reporting.
+    pids: Vec<(&'static str, u32)>,
+    gateway_pid: Option<u32>,
+    /// The log of a gateway this tool started.
+    gateway_log: Option<PathBuf>,
+}
+
+/// Starts what is not given (a fake Ollama, a gateway) and creates a key if needed.
 async fn setup(
-    args: &Args,
+    common: &Common,
+    only: Only,
+    fake: &FakeConfig,
+    max_inflight: usize,
     spawned: &mut Spawned,
-) -> Result<(Vec<Target>, Vec<(&'static str, u32)>), Error> {
-    let bin_dir = match &args.bin_dir {
+) -> Result<Env, Error> {
+    let (need_direct, need_gateway) = (only != Only::Gateway, only != Only::Direct);
+    if need_direct && common.gateway_url.is_some() && common.ollama_url.is_none() {
+        return Err("--gateway-url needs --ollama-url for the direct run".into());
+    }
+    let bin_dir = match &common.bin_dir {
         Some(d) => d.clone(),
         None => std::env::current_exe()?
             .parent()
             .ok_or("executable has no directory")?
             .to_path_buf(),
     };
-    let mut pids = Vec::new();
-    let ollama_url = if let Some(u) = &args.ollama_url {
-        u.trim_end_matches('/').to_owned()
-    } else {
-        let (child, url) = start_fake(&bin_dir, &args.reply).await?;
-        pids.extend(child.id().map(|p| ("fake_ollama", p)));
+    let mut env = Env {
+        ollama_url: common
+            .ollama_url
+            .as_ref()
+            .map(|u| u.trim_end_matches('/').to_owned()),
+        gateway_url: None,
+        key: None,
+        pids: Vec::new(),
+        gateway_pid: common.gateway_pid,
+        gateway_log: None,
+    };
+    if env.ollama_url.is_none() && (need_direct || common.gateway_url.is_none()) {
+        let (child, url) = start_fake(&bin_dir, fake).await?;
+        env.pids.extend(child.id().map(|p| ("fake_ollama", p)));
         spawned.fake = Some(child);
-        url
-    };
-    let mut secret_for_cli = None;
-    let gateway_url = if let Some(u) = &args.gateway_url {
-        u.trim_end_matches('/').to_owned()
-    } else if args.only == Only::Direct {
-        String::new()
-    } else {
-        let data = tempfile::tempdir()?;
-        let secret = secret();
-        let (mut child, url) = start_gateway(
-            &bin_dir,
-            &ollama_url,
-            args.max_inflight,
-            data.path(),
-            &secret,
-        )?;
-        pids.extend(child.id().map(|p| ("gateway", p)));
-        wait_ready(&url, &mut child, &data.path().join("gateway.log")).await?;
-        spawned.gateway = Some(child);
-        spawned.data = Some(data);
-        secret_for_cli = Some(secret);
-        url
-    };
-    pids.push(("bench_client", std::process::id()));
-    let mut targets = Vec::new();
-    let messages = json!([{"role": "user", "content": "Hello"}]);
-    if args.only != Only::Gateway {
-        targets.push(Target {
-            name: "direct",
-            url: format!("{ollama_url}/api/chat"),
-            body: json!({"model": args.ollama_model, "messages": messages,
-                   "stream": args.direct_stream})
-            .to_string()
-            .into(),
-            bearer: None,
-        });
+        env.ollama_url = Some(url);
     }
-    if args.only != Only::Direct {
-        let key = match &args.key {
-            Some(k) => k.clone(),
-            None => create_key(&bin_dir, &gateway_url, secret_for_cli.as_deref()).await?,
+    if need_gateway {
+        let mut secret_for_cli = None;
+        let url = if let Some(u) = &common.gateway_url {
+            u.trim_end_matches('/').to_owned()
+        } else {
+            let data = tempfile::tempdir()?;
+            let secret = secret();
+            let ollama_url = env.ollama_url.as_deref().unwrap_or_default();
+            let (mut child, url) =
+                start_gateway(&bin_dir, ollama_url, max_inflight, data.path(), &secret)?;
+            let log = data.path().join("gateway.log");
+            env.gateway_pid = child.id();
+            wait_ready(&url, &mut child, &log).await?;
+            spawned.gateway = Some(child);
+            spawned.data = Some(data);
+            env.gateway_log = Some(log);
+            secret_for_cli = Some(secret);
+            url
         };
-        targets.push(Target {
-            name: "gateway",
-            url: format!("{gateway_url}/v1/chat/completions"),
-            body: json!({"model": args.model, "messages": messages})
-                .to_string()
-                .into(),
-            bearer: Some(key),
+        env.key = Some(match &common.key {
+            Some(k) => k.clone(),
+            None => create_key(&bin_dir, &url, secret_for_cli.as_deref()).await?,
         });
+        env.gateway_url = Some(url);
     }
-    Ok((targets, pids))
+    env.pids.extend(env.gateway_pid.map(|p| ("gateway", p)));
+    env.pids.push(("bench_client", std::process::id()));
+    Ok(env)
 }
 
-async fn run(args: &Args, spawned: &mut Spawned) -> Result<Value, Error> {
-    let (targets, pids) = setup(args, spawned).await?;
+fn messages() -> Value {
+    json!([{"role": "user", "content": "Hello"}])
+}
 
+/// `POST /api/chat` on the (fake) Ollama.
+fn direct_target(env: &Env, model: &str, stream: bool, wire: Wire) -> Target {
+    Target {
+        name: "direct",
+        url: format!("{}/api/chat", env.ollama_url.as_deref().unwrap_or_default()),
+        body: json!({"model": model, "messages": messages(), "stream": stream})
+            .to_string()
+            .into(),
+        bearer: None,
+        wire,
+    }
+}
+
+/// `POST /v1/chat/completions` on the gateway; `extra` is merged into the body.
+fn gateway_target(env: &Env, model: &str, wire: Wire, extra: &Value) -> Target {
+    let mut body = json!({"model": model, "messages": messages()});
+    if wire != Wire::Whole {
+        body["stream"] = true.into();
+    }
+    if let (Some(body), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
+        body.extend(extra.clone());
+    }
+    Target {
+        name: "gateway",
+        url: format!(
+            "{}/v1/chat/completions",
+            env.gateway_url.as_deref().unwrap_or_default()
+        ),
+        body: body.to_string().into(),
+        bearer: env.key.clone(),
+        wire,
+    }
+}
+
+/// The open-loop load of a `whole` or `ttft` run.
+struct Load {
+    rate: f64,
+    duration: f64,
+    warmup: f64,
+    concurrency: usize,
+    timeout: f64,
+    streamed: bool,
+}
+
+fn machine() -> Value {
+    json!({
+        "cores": std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+        "loadavg_before": loadavg(),
+    })
+}
+
+async fn run_whole(a: &WholeArgs, spawned: &mut Spawned) -> Result<Value, Error> {
+    let fake = FakeConfig {
+        reply: a.reply.clone(),
+        chunk_delay_ms: 0,
+    };
+    let max_inflight = a.common.max_inflight.unwrap_or(a.concurrency.max(256));
+    let env = setup(&a.common, a.only, &fake, max_inflight, spawned).await?;
+    let mut targets = Vec::new();
+    if a.only != Only::Gateway {
+        targets.push(direct_target(
+            &env,
+            &a.common.ollama_model,
+            a.direct_stream,
+            Wire::Whole,
+        ));
+    }
+    if a.only != Only::Direct {
+        targets.push(gateway_target(
+            &env,
+            &a.common.model,
+            Wire::Whole,
+            &json!({}),
+        ));
+    }
+    let load = Load {
+        rate: a.rate,
+        duration: a.duration,
+        warmup: a.warmup,
+        concurrency: a.concurrency,
+        timeout: a.timeout,
+        streamed: false,
+    };
+    let described = json!({"rate": a.rate, "duration_s": a.duration, "warmup_s": a.warmup,
+        "concurrency": a.concurrency, "direct_stream": a.direct_stream});
+    let mut report = run_latency(&load, &env, &targets, described, WHOLE_SECTIONS).await?;
+    report["mode"] = "whole".into();
+    add_gateway_problems(&mut report, &env, spawned);
+    Ok(report)
+}
+
+async fn run_ttft(a: &TtftArgs, spawned: &mut Spawned) -> Result<Value, Error> {
+    let fake = FakeConfig {
+        reply: reply_of(a.words),
+        chunk_delay_ms: a.chunk_delay_ms,
+    };
+    let max_inflight = a.common.max_inflight.unwrap_or(a.concurrency.max(256));
+    let env = setup(&a.common, a.only, &fake, max_inflight, spawned).await?;
+    let mut targets = Vec::new();
+    if a.only != Only::Gateway {
+        targets.push(direct_target(
+            &env,
+            &a.common.ollama_model,
+            true,
+            Wire::Ndjson,
+        ));
+    }
+    if a.only != Only::Direct {
+        targets.push(gateway_target(&env, &a.common.model, Wire::Sse, &json!({})));
+    }
+    let load = Load {
+        rate: a.rate,
+        duration: a.duration,
+        warmup: a.warmup,
+        concurrency: a.concurrency,
+        timeout: a.timeout,
+        streamed: true,
+    };
+    let described = json!({"rate": a.rate, "duration_s": a.duration, "warmup_s": a.warmup,
+        "concurrency": a.concurrency, "stream": true, "words": a.words,
+        "chunk_delay_ms": a.chunk_delay_ms});
+    let mut report = run_latency(&load, &env, &targets, described, TTFT_SECTIONS).await?;
+    report["mode"] = "ttft".into();
+    add_gateway_problems(&mut report, &env, spawned);
+    Ok(report)
+}
+
+/// If the gateway this tool started failed requests or exited, what its log says.
+fn add_gateway_problems(report: &mut Value, env: &Env, spawned: &mut Spawned) {
+    if let Some(exit) = spawned.gateway_exit() {
+        report["gateway_exited"] = exit.into();
+    }
+    let failed = ["gateway", "streams"].iter().any(|name| {
+        report[name]["errors"]
+            .as_object()
+            .is_some_and(|e| !e.is_empty())
+    });
+    if let (true, Some(log)) = (
+        failed || report.get("gateway_exited").is_some(),
+        &env.gateway_log,
+    ) {
+        report["gateway_log"] = log_problems(log).into();
+    }
+}
+
+/// Drives each target in turn (check, warmup, measured run) and compares them.
+async fn run_latency(
+    load: &Load,
+    env: &Env,
+    targets: &[Target],
+    described: Value,
+    sections: &[(&str, &str)],
+) -> Result<Value, Error> {
     let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs_f64(args.timeout))
-        .pool_max_idle_per_host(args.concurrency)
+        .timeout(Duration::from_secs_f64(load.timeout))
+        .pool_max_idle_per_host(load.concurrency)
         .tcp_nodelay(true)
         .build()?;
-    let mut report = serde_json::Map::new();
-    report.insert(
-        "machine".into(),
-        json!({
-            "cores": std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
-            "loadavg_before": loadavg(),
-        }),
-    );
-    report.insert(
-        "load".into(),
-        json!({"rate": args.rate, "duration_s": args.duration, "warmup_s": args.warmup,
-               "concurrency": args.concurrency, "direct_stream": args.direct_stream}),
-    );
-    for target in &targets {
+    let mut report = json!({"machine": machine(), "load": described});
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let count = |secs: f64| (load.rate * secs).round().max(0.0) as usize;
+    for target in targets {
         check(&client, target).await?;
-        if args.warmup > 0.0 {
-            let _ = drive(&client, target, args.rate, args.warmup, args.concurrency).await;
+        if load.warmup > 0.0 {
+            let (c, t) = (client.clone(), target.clone());
+            let total = count(load.warmup);
+            let _ = drive(c, t, load.rate, total, load.concurrency, Arc::default()).await;
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        let cpu = CpuProbe::start(pids.clone());
-        let (samples, wall) =
-            drive(&client, target, args.rate, args.duration, args.concurrency).await;
-        let summary = summarize(samples, wall, args.rate, &cpu.finish());
-        report.insert(target.name.into(), summary);
+        let cpu = CpuProbe::start(env.pids.clone());
+        let (c, t) = (client.clone(), target.clone());
+        let total = count(load.duration);
+        let (samples, wall) = drive(c, t, load.rate, total, load.concurrency, Arc::default()).await;
+        report[target.name] = summarize(samples, wall, load.rate, &cpu.finish(), load.streamed);
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     if let (Some(g), Some(d)) = (report.get("gateway"), report.get("direct")) {
-        let added = json!({
-            "latency": added(g, d, "latency"),
-            "service": added(g, d, "service"),
-        });
-        report.insert("added".into(), added);
+        let added: serde_json::Map<String, Value> = sections
+            .iter()
+            .map(|(what, _)| ((*what).to_owned(), added(g, d, what)))
+            .collect();
+        report["added"] = Value::Object(added);
     }
     report["machine"]["loadavg_after"] = json!(loadavg());
-    Ok(Value::Object(report))
+    Ok(report)
+}
+
+/// One sample of the gateway while streams are open.
+struct MemSample {
+    at: Duration,
+    rss_kb: Option<u64>,
+    fds: Option<usize>,
+    /// Streams that have received content and not ended.
+    open: usize,
+}
+
+/// Opens `--count` streams through the gateway and samples its memory while they are open.
+async fn run_streams(a: &StreamsArgs, spawned: &mut Spawned) -> Result<Value, Error> {
+    // The gateway inherits this limit and holds two connections per stream.
+    let needed = 2 * a.count as u64 + 256;
+    if let Some(limit) = open_files_limit().filter(|&l| l < needed) {
+        return Err(format!(
+            "{} streams need about {needed} open files in the gateway, but the limit is \
+             {limit}: raise it first (ulimit -n {needed})",
+            a.count
+        )
+        .into());
+    }
+    let fake = FakeConfig {
+        reply: reply_of(a.words),
+        chunk_delay_ms: a.chunk_delay_ms,
+    };
+    let max_inflight = a.common.max_inflight.unwrap_or(a.count.max(256));
+    let env = setup(&a.common, Only::Gateway, &fake, max_inflight, spawned).await?;
+    let target = gateway_target(&env, &a.common.model, Wire::Sse, &json!({}));
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs_f64(a.timeout))
+        .pool_max_idle_per_host(a.count)
+        .tcp_nodelay(true)
+        .build()?;
+    // A one-word stream, so the check does not take a whole stream's time.
+    let quick = gateway_target(&env, &a.common.model, Wire::Sse, &json!({"max_tokens": 1}));
+    check(&client, &quick).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let pid = env.gateway_pid;
+    let baseline = pid.and_then(|p| status_kb(p, "VmRSS"));
+    #[allow(clippy::cast_precision_loss)]
+    let rate = a.count as f64 / a.ramp.max(1e-3);
+    let progress = Arc::new(Progress::default());
+    let cpu = CpuProbe::start(env.pids.clone());
+    let started = Instant::now();
+    let load = tokio::spawn(drive(
+        client,
+        target,
+        rate,
+        a.count,
+        a.count,
+        Arc::clone(&progress),
+    ));
+    let mut mem = Vec::new();
+    while !load.is_finished() {
+        mem.push(MemSample {
+            at: started.elapsed(),
+            rss_kb: pid.and_then(|p| status_kb(p, "VmRSS")),
+            fds: pid.and_then(open_fds),
+            open: progress.open(),
+        });
+        tokio::time::sleep(Duration::from_millis(a.sample_ms.max(1))).await;
+    }
+    let (samples, wall) = load.await?;
+    let cpu = cpu.finish();
+    let hwm_end = pid.and_then(|p| status_kb(p, "VmHWM"));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = pid.and_then(|p| status_kb(p, "VmRSS"));
+
+    let described = json!({"count": a.count, "ramp_s": a.ramp, "words": a.words,
+        "chunk_delay_ms": a.chunk_delay_ms, "sample_ms": a.sample_ms,
+        "max_inflight": max_inflight});
+    let mut report = json!({
+        "mode": "streams",
+        "machine": machine(),
+        "load": described,
+        "streams": summarize(samples, wall, rate, &cpu, true),
+    });
+    memory_report(&mut report, &mem, a.count, baseline, hwm_end, after);
+    report["machine"]["loadavg_after"] = json!(loadavg());
+    add_gateway_problems(&mut report, &env, spawned);
+    Ok(report)
+}
+
+/// Adds the memory figures of a `streams` run to `report`.
+#[allow(clippy::cast_precision_loss)]
+fn memory_report(
+    report: &mut Value,
+    mem: &[MemSample],
+    count: usize,
+    baseline: Option<u64>,
+    hwm_end: Option<u64>,
+    after: Option<u64>,
+) {
+    let all_open: Vec<&MemSample> = mem.iter().filter(|s| s.open == count).collect();
+    let rss_all_open: Vec<u64> = all_open.iter().filter_map(|s| s.rss_kb).collect();
+    let mean = (!rss_all_open.is_empty())
+        .then(|| rss_all_open.iter().sum::<u64>() / rss_all_open.len() as u64);
+    report["samples"] = json!(mem.len());
+    report["all_open"] = json!({
+        "samples": all_open.len(),
+        "from_s": all_open.first().map(|s| round3(s.at.as_secs_f64())),
+        "to_s": all_open.last().map(|s| round3(s.at.as_secs_f64())),
+    });
+    report["rss_kb"] = json!({
+        "baseline": baseline,
+        "peak_all_open": rss_all_open.iter().max(),
+        "mean_all_open": mean,
+        "peak_sampled": mem.iter().filter_map(|s| s.rss_kb).max(),
+        "hwm_end": hwm_end,
+        "after": after,
+    });
+    report["gateway_fds_max"] = json!(mem.iter().filter_map(|s| s.fds).max());
+    report["timeline"] = mem
+        .iter()
+        .map(|s| {
+            json!({"t_s": round3(s.at.as_secs_f64()), "open": s.open,
+                        "rss_kb": s.rss_kb, "fds": s.fds})
+        })
+        .collect();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sse_first_content_skips_the_role_chunk_and_needs_done() {
+        let mut scan = StreamScan::default();
+        let role =
+            b"data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n";
+        assert!(!scan.feed(Wire::Sse, role));
+        // The content chunk arrives split in two.
+        assert!(!scan.feed(Wire::Sse, b"data: {\"choices\":[{\"delta\":"));
+        assert!(scan.feed(Wire::Sse, b"{\"content\":\"w1\"}}]}\n\n"));
+        assert!(!scan.feed(
+            Wire::Sse,
+            b"data: {\"choices\":[{\"delta\":{\"content\":\" w2\"}}]}\n\n"
+        ));
+        assert!(matches!(scan.outcome(), Outcome::Incomplete));
+
+        let mut scan = StreamScan::default();
+        scan.feed(
+            Wire::Sse,
+            b"data: {\"choices\":[{\"delta\":{\"content\":\"w1\"}}]}\n\n",
+        );
+        scan.feed(Wire::Sse, b"data: [DONE]\n\n");
+        assert!(matches!(scan.outcome(), Outcome::Ok));
+    }
+
+    #[test]
+    fn ndjson_ends_with_done_and_errors_are_kept() {
+        let mut scan = StreamScan::default();
+        assert!(scan.feed(
+            Wire::Ndjson,
+            b"{\"message\":{\"content\":\"w1\"},\"done\":false}\n"
+        ));
+        scan.feed(
+            Wire::Ndjson,
+            b"{\"message\":{\"content\":\"\"},\"done\":true}\n",
+        );
+        assert!(matches!(scan.outcome(), Outcome::Ok));
+
+        let mut scan = StreamScan::default();
+        scan.feed(
+            Wire::Sse,
+            b"data: {\"error\":{\"message\":\"the upstream stream broke\"}}\n\n",
+        );
+        match scan.outcome() {
+            Outcome::StreamError(e) => assert_eq!(e, "the upstream stream broke"),
+            _ => panic!("expected a stream error"),
+        }
+    }
+
+    #[test]
+    fn replies_have_the_words_asked_for() {
+        assert_eq!(reply_of(3), "w1 w2 w3");
+    }
 }
