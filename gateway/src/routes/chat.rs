@@ -4,10 +4,10 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Instant;
 
+use axum::body::Body;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
-use axum::http::HeaderMap;
-use axum::response::sse::{Event, Sse};
+use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use bytes::Bytes;
@@ -22,6 +22,33 @@ use crate::error::ApiError;
 use crate::exchange::ChatJob;
 use crate::openai::chat::ChatCompletionRequest;
 use crate::openai::parse_body;
+
+/// Frames written to the client in one go at most, when several are ready.
+const FRAMES_PER_WRITE: usize = 32;
+
+/// The stream's frames as `text/event-stream`: every frame that is ready leaves in one write
+/// (the role chunk and the first text chunk go out together), one `data:` event per frame.
+fn sse_response(frames: tokio::sync::mpsc::Receiver<String>) -> Response {
+    let body = ReceiverStream::new(frames)
+        .ready_chunks(FRAMES_PER_WRITE)
+        .map(|ready| {
+            let mut bytes = Vec::with_capacity(ready.iter().map(|f| f.len() + 8).sum());
+            for frame in ready {
+                bytes.extend_from_slice(b"data: ");
+                bytes.extend_from_slice(frame.as_bytes());
+                bytes.extend_from_slice(b"\n\n");
+            }
+            Ok::<_, Infallible>(Bytes::from(bytes))
+        });
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(body),
+    )
+        .into_response()
+}
 
 pub async fn completions(
     State(state): State<Arc<AppState>>,
@@ -55,12 +82,7 @@ pub async fn completions(
     let gone = || ApiError::internal("the request's task ended without an answer");
     if stream {
         let reply = job.spawn_stream().await.map_err(|_| gone())??;
-        let events = ReceiverStream::new(reply.frames)
-            .map(|data| Ok::<_, Infallible>(Event::default().data(data)));
-        Ok(with_served_by(
-            Sse::new(events).into_response(),
-            reply.provider,
-        ))
+        Ok(with_served_by(sse_response(reply.frames), reply.provider))
     } else {
         let reply = job.spawn_whole().await.map_err(|_| gone())??;
         Ok(with_served_by(
