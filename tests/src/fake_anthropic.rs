@@ -18,6 +18,7 @@
 //! Behaviour is adjustable at runtime through [`FakeAnthropic::set_behavior`], and every
 //! request to `/v1/messages` is recorded (headers and body) for assertions.
 
+use crate::fake_server::Serving;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -33,7 +34,6 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 
 /// The only `anthropic-version` the fake accepts.
@@ -129,7 +129,8 @@ pub struct FakeAnthropic {
     /// The bound address.
     pub addr: SocketAddr,
     shared: Arc<Shared>,
-    server: JoinHandle<()>,
+    /// Stops the server when the fake is dropped.
+    _server: Serving,
 }
 
 impl FakeAnthropic {
@@ -160,15 +161,12 @@ impl FakeAnthropic {
                 )
             })
             .with_state(Arc::clone(&shared));
-        let server = tokio::spawn(async move {
-            // Only fails if accepting fails fatally; nothing useful to do then.
-            let _ = axum::serve(listener, app).await;
-        });
+        let server = Serving::start(listener, app);
         Ok(FakeAnthropic {
             base_url: format!("http://{addr}"),
             addr,
             shared,
-            server,
+            _server: server,
         })
     }
 
@@ -197,12 +195,6 @@ impl FakeAnthropic {
 
     /// Stops the server (same as dropping it).
     pub fn stop(self) {}
-}
-
-impl Drop for FakeAnthropic {
-    fn drop(&mut self) {
-        self.server.abort();
-    }
 }
 
 /// Anthropic's error type for an HTTP status.

@@ -16,6 +16,7 @@
 //! Behaviour is adjustable at runtime through [`FakeGemini::set_behavior`], and every request
 //! is recorded with the key it carried.
 
+use crate::fake_server::Serving;
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::fmt::Write as _;
@@ -31,7 +32,6 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 
 /// What the fake answers; change it at runtime with [`FakeGemini::set_behavior`].
@@ -129,7 +129,8 @@ pub struct FakeGemini {
     /// The bound address.
     pub addr: SocketAddr,
     shared: Arc<Shared>,
-    server: JoinHandle<()>,
+    /// Stops the server when the fake is dropped.
+    _server: Serving,
 }
 
 impl FakeGemini {
@@ -152,15 +153,12 @@ impl FakeGemini {
             .route("/v1beta/models", get(list_models))
             .route("/v1beta/models/{target}", get(get_model).post(model_method))
             .with_state(Arc::clone(&shared));
-        let server = tokio::spawn(async move {
-            // Only fails if accepting fails fatally; nothing useful to do then.
-            let _ = axum::serve(listener, app).await;
-        });
+        let server = Serving::start(listener, app);
         Ok(FakeGemini {
             base_url: format!("http://{addr}"),
             addr,
             shared,
-            server,
+            _server: server,
         })
     }
 
@@ -189,12 +187,6 @@ impl FakeGemini {
 
     /// Stops the server (same as dropping it).
     pub fn stop(self) {}
-}
-
-impl Drop for FakeGemini {
-    fn drop(&mut self) {
-        self.server.abort();
-    }
 }
 
 /// Google's canonical status name for an HTTP code.

@@ -14,6 +14,7 @@
 //! Behaviour is adjustable at runtime through [`FakeOllama::set_behavior`], and
 //! every chat/embed request body is recorded for assertions.
 
+use crate::fake_server::Serving;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -28,7 +29,6 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 
 /// How a token count is reported in a response.
@@ -115,7 +115,8 @@ pub struct FakeOllama {
     /// The bound address.
     pub addr: SocketAddr,
     shared: Arc<Shared>,
-    server: JoinHandle<()>,
+    /// Stops the server when the fake is dropped.
+    _server: Serving,
 }
 
 impl FakeOllama {
@@ -144,18 +145,12 @@ impl FakeOllama {
             .route("/api/chat", post(chat))
             .route("/api/embed", post(embed))
             .with_state(Arc::clone(&shared));
-        let server = tokio::spawn(async move {
-            // Only fails if accepting fails fatally; nothing useful to do then.
-            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
-            let _ = axum::serve(listener, app).await;
-        });
+        let server = Serving::start(listener, app);
         Ok(FakeOllama {
             base_url: format!("http://{addr}"),
             addr,
             shared,
-            server,
+            _server: server,
         })
     }
 
@@ -184,12 +179,6 @@ impl FakeOllama {
 
     /// Stops the server (same as dropping it).
     pub fn stop(self) {}
-}
-
-impl Drop for FakeOllama {
-    fn drop(&mut self) {
-        self.server.abort();
-    }
 }
 
 fn error(status: StatusCode, msg: impl Into<String>) -> Response {

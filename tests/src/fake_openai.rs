@@ -19,6 +19,7 @@
 //! Behaviour is adjustable at runtime through [`FakeOpenAi::set_behavior`], and every chat and
 //! embeddings request body is recorded for assertions.
 
+use crate::fake_server::Serving;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -33,7 +34,6 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::openai_schema;
@@ -133,7 +133,8 @@ pub struct FakeOpenAi {
     /// The key the fake accepts.
     pub api_key: String,
     shared: Arc<Shared>,
-    server: JoinHandle<()>,
+    /// Stops the server when the fake is dropped.
+    _server: Serving,
 }
 
 impl FakeOpenAi {
@@ -172,16 +173,13 @@ impl FakeOpenAi {
             .route("/v1/embeddings", post(embeddings))
             .route("/v1/models", get(models))
             .with_state(Arc::clone(&shared));
-        let server = tokio::spawn(async move {
-            // Only fails if accepting fails fatally; nothing useful to do then.
-            let _ = axum::serve(listener, app).await;
-        });
+        let server = Serving::start(listener, app);
         Ok(FakeOpenAi {
             base_url: format!("http://{addr}/v1"),
             addr,
             api_key: api_key.to_owned(),
             shared,
-            server,
+            _server: server,
         })
     }
 
@@ -211,12 +209,6 @@ impl FakeOpenAi {
 
     /// Stops the server (same as dropping it).
     pub fn stop(self) {}
-}
-
-impl Drop for FakeOpenAi {
-    fn drop(&mut self) {
-        self.server.abort();
-    }
 }
 
 /// OpenAI's error body.

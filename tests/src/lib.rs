@@ -5,5 +5,6 @@ pub mod fake_anthropic;
 pub mod fake_gemini;
 pub mod fake_ollama;
 pub mod fake_openai;
+pub mod fake_server;
 pub mod gateway;
 pub mod openai_schema;
