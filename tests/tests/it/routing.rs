@@ -291,15 +291,21 @@ async fn forced_models_go_to_their_provider_only() {
             "claude-3-5-sonnet-latest",
         ),
     ] {
-        let (status, served_by, _, _) = send(&gw, &key, &ask_plain(model, false)).await;
-        assert_eq!(status, 200, "{model}");
-        assert_eq!(served_by.as_deref(), Some(provider.as_str()), "{model}");
-        let served = gw.served().await;
-        let last = served.last().unwrap();
-        assert_eq!(
-            (last.model_requested.as_str(), last.model_served.as_str()),
-            (model, upstream_model)
-        );
+        for stream in [false, true] {
+            let (status, served_by, text, usage) = send(&gw, &key, &ask(model, stream)).await;
+            let label = format!("{model} stream={stream}");
+            assert_eq!(status, 200, "{label}");
+            assert_eq!(served_by.as_deref(), Some(provider.as_str()), "{label}");
+            assert!(text.starts_with("Hello from the fake"), "{label}: {text}");
+            let served = gw.served().await;
+            let last = served.last().unwrap();
+            assert_eq!(
+                (last.model_requested.as_str(), last.model_served.as_str()),
+                (model, upstream_model)
+            );
+            assert_eq!((last.stream, last.provider), (stream, provider), "{label}");
+            assert_eq!(usage.unwrap()["total_tokens"], last.total_tokens, "{label}");
+        }
     }
     let anthropic = gw.anthropic.as_ref().unwrap().requests();
     assert_eq!(
