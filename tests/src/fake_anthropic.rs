@@ -18,12 +18,12 @@
 //! Behaviour is adjustable at runtime through [`FakeAnthropic::set_behavior`], and every
 //! request to `/v1/messages` is recorded (headers and body) for assertions.
 
-use crate::fake_server::Serving;
+use crate::fake_server::{Script, Serving};
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -102,18 +102,14 @@ impl RecordedRequest {
 
 #[derive(Default)]
 struct Shared {
-    behavior: Mutex<Behavior>,
-    requests: Mutex<Vec<RecordedRequest>>,
+    script: Script<Behavior, RecordedRequest>,
     /// Source of message and request ids.
     ids: AtomicU64,
 }
 
 impl Shared {
     fn behavior(&self) -> Behavior {
-        self.behavior
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.script.behavior()
     }
 
     fn next_id(&self, prefix: &str) -> String {
@@ -172,11 +168,7 @@ impl FakeAnthropic {
 
     /// Replaces the behaviour for subsequent requests.
     pub fn set_behavior(&self, b: Behavior) {
-        *self
-            .shared
-            .behavior
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = b;
+        self.shared.script.set_behavior(b);
     }
 
     /// The API key the fake currently accepts.
@@ -186,11 +178,7 @@ impl FakeAnthropic {
 
     /// Every request received on `/v1/messages`, in order (refused ones included).
     pub fn requests(&self) -> Vec<RecordedRequest> {
-        self.shared
-            .requests
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.shared.script.requests()
     }
 
     /// Stops the server (same as dropping it).
@@ -431,14 +419,10 @@ fn answer(reply: &str, ask: &Ask) -> (Vec<String>, &'static str, Option<String>)
 
 async fn messages(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
     let req: Option<Value> = serde_json::from_slice(&body).ok();
-    shared
-        .requests
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .push(RecordedRequest {
-            headers: headers.clone(),
-            body: req.clone().unwrap_or(Value::Null),
-        });
+    shared.script.record(RecordedRequest {
+        headers: headers.clone(),
+        body: req.clone().unwrap_or(Value::Null),
+    });
     let request_id = shared.next_id("req");
     let b = shared.behavior();
     tokio::time::sleep(b.first_byte_delay).await;

@@ -16,12 +16,12 @@
 //! Behaviour is adjustable at runtime through [`FakeGemini::set_behavior`], and every request
 //! is recorded with the key it carried.
 
-use crate::fake_server::Serving;
+use crate::fake_server::{Script, Serving};
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -102,23 +102,16 @@ pub struct Recorded {
 
 #[derive(Default)]
 struct Shared {
-    behavior: Mutex<Behavior>,
-    requests: Mutex<Vec<Recorded>>,
+    script: Script<Behavior, Recorded>,
 }
 
 impl Shared {
     fn behavior(&self) -> Behavior {
-        self.behavior
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.script.behavior()
     }
 
     fn record(&self, r: Recorded) {
-        self.requests
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(r);
+        self.script.record(r);
     }
 }
 
@@ -164,20 +157,12 @@ impl FakeGemini {
 
     /// Replaces the behaviour for subsequent requests.
     pub fn set_behavior(&self, b: Behavior) {
-        *self
-            .shared
-            .behavior
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = b;
+        self.shared.script.set_behavior(b);
     }
 
     /// Every request received, in order.
     pub fn requests(&self) -> Vec<Recorded> {
-        self.shared
-            .requests
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.shared.script.requests()
     }
 
     /// The key of every request received (`None` when it carried none), in order.

@@ -14,11 +14,11 @@
 //! Behaviour is adjustable at runtime through [`FakeOllama::set_behavior`], and
 //! every chat/embed request body is recorded for assertions.
 
-use crate::fake_server::Serving;
+use crate::fake_server::{Script, Serving};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
@@ -94,17 +94,13 @@ impl Default for Behavior {
 
 #[derive(Default)]
 struct Shared {
-    behavior: Mutex<Behavior>,
-    requests: Mutex<Vec<Value>>,
+    script: Script<Behavior, Value>,
     chat_requests: AtomicUsize,
 }
 
 impl Shared {
     fn behavior(&self) -> Behavior {
-        self.behavior
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.script.behavior()
     }
 }
 
@@ -156,20 +152,12 @@ impl FakeOllama {
 
     /// Replaces the behaviour for subsequent requests.
     pub fn set_behavior(&self, b: Behavior) {
-        *self
-            .shared
-            .behavior
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = b;
+        self.shared.script.set_behavior(b);
     }
 
     /// Every JSON body received on `/api/chat` and `/api/embed`, in order.
     pub fn requests(&self) -> Vec<Value> {
-        self.shared
-            .requests
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.shared.script.requests()
     }
 
     /// Number of well-formed JSON requests received on `/api/chat`.
@@ -218,11 +206,7 @@ async fn admit(
     }
     let req: Value =
         serde_json::from_slice(body).map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string()))?;
-    shared
-        .requests
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .push(req.clone());
+    shared.script.record(req.clone());
     if is_chat {
         shared.chat_requests.fetch_add(1, Ordering::SeqCst);
     }

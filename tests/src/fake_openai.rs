@@ -19,11 +19,11 @@
 //! Behaviour is adjustable at runtime through [`FakeOpenAi::set_behavior`], and every chat and
 //! embeddings request body is recorded for assertions.
 
-use crate::fake_server::Serving;
+use crate::fake_server::{Script, Serving};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -108,8 +108,7 @@ impl Default for Behavior {
 
 struct Shared {
     api_key: String,
-    behavior: Mutex<Behavior>,
-    requests: Mutex<Vec<Value>>,
+    script: Script<Behavior, Value>,
     chat_requests: AtomicUsize,
     /// Numbers completion ids.
     next_id: AtomicU64,
@@ -117,10 +116,7 @@ struct Shared {
 
 impl Shared {
     fn behavior(&self) -> Behavior {
-        self.behavior
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.script.behavior()
     }
 }
 
@@ -163,8 +159,7 @@ impl FakeOpenAi {
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             api_key: api_key.to_owned(),
-            behavior: Mutex::new(Behavior::default()),
-            requests: Mutex::new(Vec::new()),
+            script: Script::default(),
             chat_requests: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
         });
@@ -185,21 +180,13 @@ impl FakeOpenAi {
 
     /// Replaces the behaviour for subsequent requests.
     pub fn set_behavior(&self, b: Behavior) {
-        *self
-            .shared
-            .behavior
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = b;
+        self.shared.script.set_behavior(b);
     }
 
     /// Every authorised JSON body received on `/v1/chat/completions` and `/v1/embeddings`,
     /// in order.
     pub fn requests(&self) -> Vec<Value> {
-        self.shared
-            .requests
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.shared.script.requests()
     }
 
     /// Number of authorised JSON requests received on `/v1/chat/completions`.
@@ -361,11 +348,7 @@ async fn admit(
             None,
         )
     })?;
-    shared
-        .requests
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .push(req.clone());
+    shared.script.record(req.clone());
     if schema == "CreateChatCompletionRequest" {
         shared.chat_requests.fetch_add(1, Ordering::SeqCst);
     }
