@@ -122,63 +122,47 @@ impl Running {
     }
 }
 
+/// `behavior` with the options every fake understands applied.
+macro_rules! tuned {
+    ($behavior:expr, $o:expr) => {{
+        let mut b = $behavior;
+        if let Some(reply) = $o.reply.clone() {
+            b.reply = reply;
+        }
+        if let Some(delay) = $o.chunk_delay {
+            b.chunk_delay = delay;
+        }
+        b.fail_status = $o.fail_status;
+        b
+    }};
+}
+
 /// Starts the fake `o` asks for, with its behaviour applied.
 async fn start(o: Options) -> std::io::Result<Running> {
     Ok(match o.provider {
         Provider::Ollama => {
             let fake = fake_ollama::FakeOllama::start_on(o.listen).await?;
-            let mut b = fake_ollama::Behavior::default();
-            if let Some(reply) = o.reply {
-                b.reply = reply;
-            }
-            if let Some(delay) = o.chunk_delay {
-                b.chunk_delay = delay;
-            }
-            b.fail_status = o.fail_status;
-            fake.set_behavior(b);
+            fake.set_behavior(tuned!(fake_ollama::Behavior::default(), o));
             Running::Ollama(fake)
         }
         Provider::Gemini => {
             let fake = fake_gemini::FakeGemini::start_on(o.listen).await?;
-            let mut b = fake_gemini::Behavior::default();
-            if let Some(reply) = o.reply {
-                b.reply = reply;
-            }
-            if let Some(delay) = o.chunk_delay {
-                b.chunk_delay = delay;
-            }
-            b.fail_status = o.fail_status;
-            fake.set_behavior(b);
+            fake.set_behavior(tuned!(fake_gemini::Behavior::default(), o));
             Running::Gemini(fake)
         }
         Provider::OpenAi => {
             let key = o.api_key.as_deref().unwrap_or(fake_openai::API_KEY);
             let fake = fake_openai::FakeOpenAi::start_on(o.listen, key).await?;
-            let mut b = fake_openai::Behavior::default();
-            if let Some(reply) = o.reply {
-                b.reply = reply;
-            }
-            if let Some(delay) = o.chunk_delay {
-                b.chunk_delay = delay;
-            }
-            b.fail_status = o.fail_status;
-            fake.set_behavior(b);
+            fake.set_behavior(tuned!(fake_openai::Behavior::default(), o));
             Running::OpenAi(fake)
         }
         Provider::Anthropic => {
             let fake = fake_anthropic::FakeAnthropic::start_on(o.listen).await?;
             let mut b = fake_anthropic::Behavior::default();
-            if let Some(key) = o.api_key {
+            if let Some(key) = o.api_key.clone() {
                 b.api_key = key;
             }
-            if let Some(reply) = o.reply {
-                b.reply = reply;
-            }
-            if let Some(delay) = o.chunk_delay {
-                b.chunk_delay = delay;
-            }
-            b.fail_status = o.fail_status;
-            fake.set_behavior(b);
+            fake.set_behavior(tuned!(b, o));
             Running::Anthropic(fake)
         }
     })
