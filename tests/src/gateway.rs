@@ -173,12 +173,17 @@ impl TestGateway {
         }
     }
 
+    /// An admin API request to `path` carrying the internal token.
+    pub fn admin(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("{}{path}", self.url))
+            .header("x-internal-token", &self.admin_token)
+    }
+
     /// Creates a key through the admin API; returns (id, secret).
     pub async fn create_key(&self, name: &str, rpm: u32, admin: bool) -> (String, String) {
         let response = self
-            .http
-            .post(format!("{}/claw/v1/api-keys", self.url))
-            .header("x-internal-token", &self.admin_token)
+            .admin(reqwest::Method::POST, "/claw/v1/api-keys")
             .json(&json!({"name": name, "rpm_limit": rpm, "admin_allowed": admin}))
             .send()
             .await
@@ -205,9 +210,7 @@ impl TestGateway {
     /// An admin `GET`.
     pub async fn admin_get(&self, path: &str) -> Value {
         let response = self
-            .http
-            .get(format!("{}{path}", self.url))
-            .header("x-internal-token", &self.admin_token)
+            .admin(reqwest::Method::GET, path)
             .send()
             .await
             .expect("admin API answers");

@@ -39,9 +39,7 @@ async fn the_admin_api_needs_the_internal_token() {
 async fn key_commands_validate_and_list_without_secrets() {
     let gw = TestGateway::start().await;
     let post = |body: Value| {
-        gw.http
-            .post(format!("{}/claw/v1/api-keys", gw.url))
-            .header("x-internal-token", &gw.admin_token)
+        gw.admin(reqwest::Method::POST, "/claw/v1/api-keys")
             .json(&body)
             .send()
     };
@@ -119,9 +117,7 @@ async fn key_commands_validate_and_list_without_secrets() {
     assert!(!list.to_string().contains("sha256:"), "nor their hashes");
 
     let unknown = gw
-        .http
-        .delete(format!("{}/claw/v1/api-keys/no-such-key", gw.url))
-        .header("x-internal-token", &gw.admin_token)
+        .admin(reqwest::Method::DELETE, "/claw/v1/api-keys/no-such-key")
         .send()
         .await
         .unwrap();
@@ -155,9 +151,7 @@ async fn usage_filters_by_key_and_time_window() {
         .await;
     assert_eq!(future["totals"]["requests"], 0);
     let bad = gw
-        .http
-        .get(format!("{}/claw/v1/usage?since=yesterday", gw.url))
-        .header("x-internal-token", &gw.admin_token)
+        .admin(reqwest::Method::GET, "/claw/v1/usage?since=yesterday")
         .send()
         .await
         .unwrap();
@@ -175,9 +169,7 @@ async fn events_stream_the_ledger_in_order_and_audit_finds_no_drift() {
     .await;
     gw.wait_for_served(1).await;
     let text = gw
-        .http
-        .get(format!("{}/claw/v1/events?from=0", gw.url))
-        .header("x-internal-token", &gw.admin_token)
+        .admin(reqwest::Method::GET, "/claw/v1/events?from=0")
         .send()
         .await
         .unwrap()
@@ -202,9 +194,7 @@ async fn events_stream_the_ledger_in_order_and_audit_finds_no_drift() {
 
     gw.settle().await;
     let report: Value = gw
-        .http
-        .post(format!("{}/claw/v1/audit", gw.url))
-        .header("x-internal-token", &gw.admin_token)
+        .admin(reqwest::Method::POST, "/claw/v1/audit")
         .send()
         .await
         .unwrap()

@@ -124,9 +124,7 @@ async fn missing_unknown_and_revoked_keys_are_401() {
     refused(&gw, Some("garbage"), ok, 401, "invalid_api_key").await;
 
     let revoke = gw
-        .http
-        .delete(format!("{}/claw/v1/api-keys/{id}", gw.url))
-        .header("x-internal-token", &gw.admin_token)
+        .admin(reqwest::Method::DELETE, &format!("/claw/v1/api-keys/{id}"))
         .send()
         .await
         .unwrap();
