@@ -24,6 +24,12 @@ pub struct Recorded {
 pub enum LedgerError {
     #[error("ledger storage failed: {0}")]
     Storage(#[from] sqlx::Error),
+    #[error("ledger storage failed: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("ledger write failed: {0}")]
+    Write(String),
+    #[error("could not start a ledger thread: {0}")]
+    Thread(std::io::Error),
     #[error("ledger record at offset {offset} is not a valid envelope: {source}")]
     Corrupt {
         offset: u64,

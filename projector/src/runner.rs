@@ -17,7 +17,7 @@ pub const EMBEDDED_SOURCE: &str = "ledger";
 const BATCH: usize = 128;
 /// After being woken, how long to let more events gather before folding: under load this
 /// turns many one-event transactions into a few larger ones (commands wait this much longer).
-const GATHER: Duration = Duration::from_millis(2);
+const GATHER: Duration = Duration::from_millis(20);
 
 /// Follows one ledger partition into the read models.
 pub struct Projector {
@@ -60,12 +60,15 @@ impl Projector {
         let mut head = self.log.head();
         let mut backoff = Duration::from_millis(50);
         loop {
-            if *head.borrow_and_update() <= next {
+            let lag = head.borrow_and_update().saturating_sub(next);
+            if lag == 0 {
                 if head.changed().await.is_err() {
                     return;
                 }
-                tokio::time::sleep(GATHER).await;
                 continue;
+            }
+            if lag < BATCH as u64 {
+                tokio::time::sleep(GATHER).await;
             }
             match self.step(next).await {
                 Ok((new_next, keys_changed)) => {

@@ -1,11 +1,12 @@
 //! The read-model store: one sqlx `Any` pool over SQLite (embedded, or an in-memory scratch
-//! copy for audits) or PostgreSQL (distributed), migrated on open. Everything above it speaks
-//! portable SQL.
+//! copy for audits) or PostgreSQL (distributed), migrated on open, for queries; folds run on
+//! that pool too, except in embedded mode, where they go through the database file's single
+//! writer. Everything above it speaks portable SQL.
 
 use std::path::Path;
 use std::time::Duration;
 
-use claw_ledger::WriteGate;
+use claw_ledger::SqliteWriter;
 use sqlx::any::{install_default_drivers, AnyPoolOptions};
 use sqlx::{AnyPool, Executor};
 
@@ -14,6 +15,8 @@ use sqlx::{AnyPool, Executor};
 pub enum StoreError {
     #[error("read-model database error: {0}")]
     Database(#[from] sqlx::Error),
+    #[error("read-model database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
     #[error("read-model migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("ledger error: {0}")]
@@ -28,8 +31,9 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 #[derive(Clone, Debug)]
 pub struct ReadModels {
     pub(crate) pool: AnyPool,
-    /// Held while folding when the ledger shares the database file (embedded mode).
-    gate: Option<WriteGate>,
+    /// Where folds run when the ledger shares the database file (embedded mode); otherwise
+    /// they run on the pool.
+    pub(crate) writer: Option<SqliteWriter>,
 }
 
 impl ReadModels {
@@ -76,22 +80,15 @@ impl ReadModels {
             .connect(url)
             .await?;
         MIGRATOR.run(&pool).await?;
-        Ok(Self { pool, gate: None })
+        Ok(Self { pool, writer: None })
     }
 
-    /// Folds take `gate` first: the embedded ledger writes to the same SQLite file.
+    /// Folds go through `writer`, the embedded database file's single writer (the ledger's):
+    /// the read models live in the same file.
     #[must_use]
-    pub fn with_write_gate(mut self, gate: WriteGate) -> Self {
-        self.gate = Some(gate);
+    pub fn with_writer(mut self, writer: SqliteWriter) -> Self {
+        self.writer = Some(writer);
         self
-    }
-
-    /// Holds the write gate, if there is one, for the guard's lifetime.
-    pub(crate) async fn write_turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
-        match &self.gate {
-            Some(gate) => Some(gate.lock().await),
-            None => None,
-        }
     }
 
     /// Whether the store answers (for `/readyz`).

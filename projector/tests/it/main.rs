@@ -61,6 +61,26 @@ fn served(
     )
 }
 
+/// The embedded pair: the ledger and the read models in one file, folds through its writer.
+async fn embedded(path: &std::path::Path) -> (Arc<dyn EventLog>, ReadModels) {
+    let ledger = SqliteLedger::open(path).await.unwrap();
+    let store = ReadModels::open_sqlite(path)
+        .await
+        .unwrap()
+        .with_writer(ledger.writer());
+    (Arc::new(ledger), store)
+}
+
+fn revoked(key_id: &str, reason: Option<&str>) -> Envelope {
+    Envelope::new(
+        key_id,
+        "test",
+        Event::KeyRevoked(KeyRevoked {
+            reason: reason.map(str::to_owned),
+        }),
+    )
+}
+
 fn recorded(events: &[Envelope]) -> Vec<Recorded> {
     events
         .iter()
@@ -178,8 +198,7 @@ async fn windowed_usage_counts_only_requests_in_the_window() {
 async fn the_runner_follows_the_ledger_and_audit_finds_no_drift_then_detects_tampering() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("claw.db");
-    let log: Arc<dyn EventLog> = Arc::new(SqliteLedger::open(&path).await.unwrap());
-    let store = ReadModels::open_sqlite(&path).await.unwrap();
+    let (log, store) = embedded(&path).await;
     let handle = Projector::new(log.clone(), store.clone())
         .spawn()
         .await
@@ -234,8 +253,7 @@ async fn the_runner_follows_the_ledger_and_audit_finds_no_drift_then_detects_tam
 async fn a_restarted_projector_resumes_from_its_offset_without_recounting() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("claw.db");
-    let log: Arc<dyn EventLog> = Arc::new(SqliteLedger::open(&path).await.unwrap());
-    let store = ReadModels::open_sqlite(&path).await.unwrap();
+    let (log, store) = embedded(&path).await;
     let first = Projector::new(log.clone(), store.clone())
         .spawn()
         .await
@@ -287,4 +305,82 @@ async fn an_event_twice_in_one_batch_counts_once() {
     let doc = store.usage(&UsageFilter::default()).await.unwrap();
     assert_eq!(doc.totals.requests, 1);
     assert_eq!(doc.totals.total_tokens, 15);
+}
+
+#[tokio::test]
+async fn the_writer_thread_and_sqlx_fold_to_the_same_read_models() {
+    let mut yesterday = served("k1", Tier::FreeGemini, "gemini-1.5-flash", 7, 9, "0");
+    yesterday.occurred_at -= chrono::Duration::days(1);
+    let repeated = served("k2", Tier::ApiKey, "claude-3-5-haiku", 40, 60, "0.000123");
+    let events = vec![
+        created("k1", "alpha"),
+        created("k2", "beta"),
+        created("k3", "gamma"),
+        served("k1", Tier::Local, "llama3.2", 10, 5, "0"),
+        yesterday,
+        repeated.clone(),
+        repeated,
+        served("k2", Tier::ApiKey, "gpt-4o", 100, 50, "0.00075"),
+        revoked("k2", Some("leaked")),
+        revoked("k3", None),
+    ];
+    let batch = recorded(&events);
+    let (first, second) = batch.split_at(5);
+
+    let scratch = ReadModels::open_scratch().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (_log, file) = embedded(&dir.path().join("claw.db")).await;
+    for store in [&scratch, &file] {
+        let a = store.fold_batch("ledger", first).await.unwrap();
+        let b = store.fold_batch("ledger", second).await.unwrap();
+        let again = store.fold_batch("ledger", &batch).await.unwrap();
+        assert_eq!((a.applied, b.applied, again.applied), (5, 4, 0));
+        assert_eq!(store.next_offset("ledger", 0).await.unwrap(), 10);
+    }
+    let doc = file.usage(&UsageFilter::default()).await.unwrap();
+    assert_eq!(doc, scratch.usage(&UsageFilter::default()).await.unwrap());
+    assert_eq!(doc.totals.requests, 4);
+    assert_eq!(doc.usage.len(), 4, "one row per key, day, model and tier");
+    let keys = file.list_keys().await.unwrap();
+    assert_eq!(keys, scratch.list_keys().await.unwrap());
+    let revoked: Vec<_> = keys.iter().filter(|k| k.revoked_at.is_some()).collect();
+    assert_eq!(revoked.len(), 2);
+    assert!(keys
+        .iter()
+        .all(|k| k.id != "k1" || k.last_used_at.is_some()));
+}
+
+#[tokio::test]
+async fn a_failing_fold_on_the_writer_rolls_back_and_the_ledger_keeps_appending() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("claw.db");
+    let (log, store) = embedded(&path).await;
+    // Break the projection: the fold's requests insert now fails.
+    let pool = sqlx::AnyPool::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    sqlx::query("DROP TABLE requests")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let events = vec![
+        created("k1", "a"),
+        served("k1", Tier::Local, "m", 1, 1, "0"),
+    ];
+    assert!(store
+        .fold_batch("ledger", &recorded(&events))
+        .await
+        .is_err());
+    assert_eq!(
+        store.next_offset("ledger", 0).await.unwrap(),
+        0,
+        "nothing of the failed fold is kept"
+    );
+    assert!(store.list_keys().await.unwrap().is_empty());
+    let offsets = log.append(events).await.unwrap();
+    assert_eq!(
+        offsets,
+        vec![0, 1],
+        "the ledger does not depend on the projection"
+    );
 }
