@@ -7,7 +7,8 @@
 //!   answered; appends go before other work that arrived with them;
 //! - other transactions ([`SqliteWriter::transact`], the embedded projector's folds), committed
 //!   with `synchronous = NORMAL`: their data is rebuildable from the ledger, and the next durable
-//!   append's fsync covers them anyway (WAL order).
+//!   append's fsync covers them anyway (WAL order). Right after one, another thread starts
+//!   flushing the log, so that the next append's fsync finds less left to write.
 //!
 //! The thread talks to SQLite through rusqlite, statement by statement on its own stack: an
 //! async driver would cost a thread hand-off per statement.
@@ -95,11 +96,11 @@ impl SqliteWriter {
             conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM ledger", [], |r| r.get(0))?;
         let (head_tx, head) = watch::channel(u64::try_from(next).unwrap_or(0));
         let (jobs, rx) = mpsc::channel(QUEUE_DEPTH);
-        let (stop_checkpoints, stopped) = std_mpsc::channel::<()>();
+        let (flushes, flush_requests) = std_mpsc::channel::<()>();
         let backfilled = Arc::new(AtomicBool::new(false));
         let checkpointer = Checkpointer {
             path: path.to_owned(),
-            stopped,
+            flush_requests,
             backfilled: backfilled.clone(),
         };
         std::thread::Builder::new()
@@ -114,9 +115,9 @@ impl SqliteWriter {
                     head: head_tx,
                     durable: None,
                     backfilled,
+                    flushes,
                 }
                 .run(rx);
-                drop(stop_checkpoints);
             })
             .map_err(LedgerError::Thread)?;
         Ok((Self { jobs }, head))
@@ -177,6 +178,8 @@ struct Writer {
     durable: Option<bool>,
     /// Set by the checkpointer when it has copied most of a log worth starting over.
     backfilled: Arc<AtomicBool>,
+    /// Asks the checkpointer to flush the log now (after a relaxed commit).
+    flushes: std_mpsc::Sender<()>,
 }
 
 impl Writer {
@@ -274,6 +277,9 @@ impl Writer {
         work(&mut self.conn);
         metrics::histogram!("claw_sqlite_transaction_seconds")
             .record(started.elapsed().as_secs_f64());
+        // Start writing the transaction's frames to disk now, off this thread, rather than
+        // leave them all to the next append's fsync.
+        let _ = self.flushes.send(());
     }
 }
 
@@ -325,12 +331,19 @@ pub(crate) fn seq_to_offset(seq: i64) -> u64 {
     u64::try_from(seq - 1).unwrap_or(0)
 }
 
+/// The write-ahead log's file beside the database at `path`.
+fn wal_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push("-wal");
+    PathBuf::from(name)
+}
+
 /// Copies the write-ahead log into the database file now and then, on its own connection, so
 /// that no commit pays for it. Passive: it never waits for the writer or for readers.
 struct Checkpointer {
     path: PathBuf,
-    /// Disconnects when the writer stops.
-    stopped: std_mpsc::Receiver<()>,
+    /// Requests to flush the log; disconnects when the writer stops.
+    flush_requests: std_mpsc::Receiver<()>,
     /// Tells the writer that the log is (nearly) all copied.
     backfilled: Arc<AtomicBool>,
 }
@@ -344,9 +357,32 @@ impl Checkpointer {
                 return;
             }
         };
-        while let Err(std_mpsc::RecvTimeoutError::Timeout) =
-            self.stopped.recv_timeout(CHECKPOINT_EVERY)
-        {
+        let wal_path = wal_path(&self.path);
+        let mut wal: Option<std::fs::File> = None;
+        let mut due = Instant::now() + CHECKPOINT_EVERY;
+        loop {
+            match self
+                .flush_requests
+                .recv_timeout(due.saturating_duration_since(Instant::now()))
+            {
+                Ok(()) => {
+                    while self.flush_requests.try_recv().is_ok() {}
+                    if wal.is_none() {
+                        wal = std::fs::File::open(&wal_path).ok();
+                    }
+                    if let Some(file) = &wal {
+                        if let Err(err) = file.sync_data() {
+                            tracing::warn!(error = %err, "could not flush the write-ahead log");
+                            wal = None;
+                        }
+                    }
+                    continue;
+                }
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+                Err(std_mpsc::RecvTimeoutError::Timeout) => {
+                    due = Instant::now() + CHECKPOINT_EVERY;
+                }
+            }
             // (blocked, frames in the log, frames copied)
             let result = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
                 Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))

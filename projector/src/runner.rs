@@ -13,10 +13,14 @@ use crate::store::{ReadModels, StoreError};
 
 /// The projection source name of the embedded ledger.
 pub const EMBEDDED_SOURCE: &str = "ledger";
-/// Events folded per transaction at most.
-const BATCH: usize = 128;
-/// After being woken, how long to let more events gather before folding: under load this
-/// turns many one-event transactions into a few larger ones (commands wait this much longer).
+/// Events folded per transaction at most while following. Embedded, a fold holds the
+/// database file's one writer, and appends wait behind it: short turns keep their wait short.
+const BATCH: usize = 16;
+/// Events folded per transaction when replaying into a scratch projection (nobody waits).
+const REPLAY_BATCH: usize = 512;
+/// When fewer than a batch are waiting, how long to let more gather before folding: under
+/// load this turns many one-event transactions into fewer, fuller ones (commands wait this
+/// much longer).
 const GATHER: Duration = Duration::from_millis(20);
 
 /// Follows one ledger partition into the read models.
@@ -103,7 +107,9 @@ impl Projector {
 pub async fn replay(log: &dyn EventLog, store: &ReadModels, until: u64) -> Result<u64, StoreError> {
     let mut next = store.next_offset(EMBEDDED_SOURCE, 0).await?;
     while next < until {
-        let limit = usize::try_from(until - next).unwrap_or(BATCH).min(BATCH);
+        let limit = usize::try_from(until - next)
+            .unwrap_or(REPLAY_BATCH)
+            .min(REPLAY_BATCH);
         let batch = log.read(next, limit).await?;
         let Some(last) = batch.last() else { break };
         next = last.offset + 1;
