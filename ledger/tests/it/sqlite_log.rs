@@ -121,21 +121,18 @@ async fn the_write_ahead_log_starts_over_under_steady_appends() {
     // One event per commit for a while: each commit adds at least two 4 KiB frames, so a log
     // that never started over would pass 8 MiB; checkpoints and restarts keep it far smaller.
     let started = std::time::Instant::now();
-    let mut appended = 0;
+    let mut appended: usize = 0;
     while started.elapsed() < Duration::from_millis(1500) || appended < 1000 {
         log.append(crate::sample_events("k1")[..1].to_vec())
             .await
             .unwrap();
         appended += 1;
     }
-    let frames_written = appended * 2;
+    let frames_written = u64::try_from(appended).unwrap() * 2;
     let wal_bytes = std::fs::metadata(&wal).unwrap().len();
     assert!(
         wal_bytes < frames_written * 4096 / 2,
         "{wal_bytes} bytes of log after {appended} commits"
     );
-    assert_eq!(
-        log.read(0, usize::MAX).await.unwrap().len(),
-        appended as usize
-    );
+    assert_eq!(log.read(0, usize::MAX).await.unwrap().len(), appended);
 }
