@@ -1,6 +1,7 @@
 //! The fold: how events change the read models. A batch is applied in one transaction
-//! together with the offset advance, and each event at most once (claimed in
-//! `applied_events`), so redelivery, replay and restarts never double-count.
+//! together with the offset advance, and each event at most once (claimed first: a request by
+//! its row in `requests`, anything else in `applied_events`), so redelivery, replay and
+//! restarts never double-count.
 //!
 //! The fold is planned here as plain SQL statements with their parameters, in two steps: the
 //! [`claims`] of the batch's event ids (whose `RETURNING` says which are new), then the
@@ -157,11 +158,26 @@ struct Served<'a> {
     s: &'a RequestServed,
 }
 
-/// The statements that claim the batch's event ids in `applied_events`; each returns the ids
-/// that were not there yet.
+/// The statements that claim the batch's events; each returns the ids that were not claimed
+/// before. A `RequestServed` is claimed by inserting its row in `requests` (keyed by event id:
+/// the row is its own claim, one write instead of two); other events in `applied_events`.
 pub fn claims(batch: &[Recorded]) -> Vec<Statement> {
-    let ids: Vec<String> = batch.iter().map(|r| r.event.event_id.to_string()).collect();
-    ids.chunks(IDS_PER_CLAIM)
+    let mut others = Vec::new();
+    let mut served = Vec::new();
+    for rec in batch {
+        let env = &rec.event;
+        match &env.event {
+            Event::RequestServed(s) => served.push(Served {
+                event_id: env.event_id.to_string(),
+                key_id: &env.key_id,
+                at: format_time(env.occurred_at),
+                s,
+            }),
+            _ => others.push(env.event_id.to_string()),
+        }
+    }
+    let mut statements: Vec<Statement> = others
+        .chunks(IDS_PER_CLAIM)
         .map(|chunk| {
             let mut st = Statement::multi_row(
                 "INSERT INTO applied_events (event_id)",
@@ -173,7 +189,33 @@ pub fn claims(batch: &[Recorded]) -> Vec<Statement> {
                 .extend(chunk.iter().map(|id| Param::Text(id.clone())));
             st
         })
-        .collect()
+        .collect();
+    for chunk in served.chunks(ROWS_PER_STATEMENT) {
+        let mut st = Statement::multi_row(
+            "INSERT INTO requests (event_id, request_id, key_id, occurred_at, model, tier, provider, status,
+                                   prompt_tokens, completion_tokens, total_tokens, cost_nanos)",
+            chunk.len(),
+            12,
+            "ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
+        );
+        for r in chunk {
+            st = st
+                .bind(r.event_id.as_str())
+                .bind(r.s.request_id.as_str())
+                .bind(r.key_id)
+                .bind(r.at.as_str())
+                .bind(r.s.model_served.as_str())
+                .bind(r.s.tier.as_str())
+                .bind(r.s.provider.as_str())
+                .bind(i64::from(r.s.status))
+                .bind(int(r.s.prompt_tokens))
+                .bind(int(r.s.completion_tokens))
+                .bind(int(r.s.total_tokens))
+                .bind(to_nanos(r.s.cost_usd));
+        }
+        statements.push(st);
+    }
+    statements
 }
 
 /// The statements that fold the events of `batch` whose ids are in `fresh` (the claims'
@@ -248,7 +290,8 @@ pub fn plan<S: BuildHasher>(
     (statements, outcome)
 }
 
-/// Writes the batch's requests and adds them to the per-key and per-day totals.
+/// Adds the batch's requests (their rows are written by their claims) to the per-key and
+/// per-day totals.
 fn plan_served(served: &[Served<'_>], statements: &mut Vec<Statement>) {
     if served.is_empty() {
         return;
@@ -267,31 +310,6 @@ fn plan_served(served: &[Served<'_>], statements: &mut Vec<Statement>) {
         if r.at.as_str() > *latest {
             *latest = r.at.as_str();
         }
-    }
-    for chunk in served.chunks(ROWS_PER_STATEMENT) {
-        let mut st = Statement::multi_row(
-            "INSERT INTO requests (event_id, request_id, key_id, occurred_at, model, tier, provider, status,
-                                   prompt_tokens, completion_tokens, total_tokens, cost_nanos)",
-            chunk.len(),
-            12,
-            "",
-        );
-        for r in chunk {
-            st = st
-                .bind(r.event_id.as_str())
-                .bind(r.s.request_id.as_str())
-                .bind(r.key_id)
-                .bind(r.at.as_str())
-                .bind(r.s.model_served.as_str())
-                .bind(r.s.tier.as_str())
-                .bind(r.s.provider.as_str())
-                .bind(i64::from(r.s.status))
-                .bind(int(r.s.prompt_tokens))
-                .bind(int(r.s.completion_tokens))
-                .bind(int(r.s.total_tokens))
-                .bind(to_nanos(r.s.cost_usd));
-        }
-        statements.push(st);
     }
     let tiers: Vec<_> = per_tier.into_iter().collect();
     for chunk in tiers.chunks(ROWS_PER_STATEMENT) {
