@@ -1,12 +1,12 @@
 //! Accounting for one routed request: the `TierFallback`s it caused and its `RequestServed`,
-//! written to the ledger together and durably before the response's last byte. Token counts
+//! recorded together and durably (in the outbox) before the response's last byte. Token counts
 //! come from the provider; when it reports none, they are estimated and marked so.
 
 use std::time::Instant;
 
 use claw_ledger::{
-    Endpoint, Envelope, Event, EventLog, FallbackReason, LedgerError, Provider, RequestServed,
-    Tier, TierFallback,
+    Endpoint, Envelope, Event, FallbackReason, LedgerError, Outbox, Provider, RequestServed, Tier,
+    TierFallback,
 };
 use rust_decimal::Decimal;
 
@@ -75,12 +75,9 @@ impl RequestRecord {
         ));
     }
 
-    /// Writes the fallbacks and the `RequestServed` for `outcome`; returns once durable.
-    pub async fn commit(
-        &mut self,
-        ledger: &dyn EventLog,
-        outcome: &Outcome,
-    ) -> Result<(), LedgerError> {
+    /// Records the fallbacks and the `RequestServed` for `outcome`; returns once durable (in
+    /// the outbox, on its way to the ledger).
+    pub async fn commit(&mut self, outbox: &Outbox, outcome: &Outcome) -> Result<(), LedgerError> {
         let latency_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
         let served = RequestServed {
             request_id: self.request_id.clone(),
@@ -107,8 +104,8 @@ impl RequestRecord {
             Event::RequestServed(served),
         ));
         let appended = Instant::now();
-        let result = ledger.append(events).await.map(|_| ());
-        metrics::histogram!("claw_ledger_append_seconds").record(appended.elapsed().as_secs_f64());
+        let result = outbox.record(events).await;
+        metrics::histogram!("claw_outbox_record_seconds").record(appended.elapsed().as_secs_f64());
         let endpoint = match self.endpoint {
             Endpoint::ChatCompletions => "chat.completions",
             Endpoint::Embeddings => "embeddings",

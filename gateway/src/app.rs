@@ -4,14 +4,14 @@
 use std::io;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::HeaderValue;
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{delete, get, post};
-use claw_ledger::{Endpoint, EventLog, SqliteLedger};
+use claw_ledger::{Endpoint, EventLog, Outbox, SqliteLedger};
 use claw_projector::{Projector, ProjectorHandle, ReadModels};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use rand::distr::{Alphanumeric, SampleString};
@@ -37,6 +37,8 @@ pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3
 pub struct AppState {
     pub settings: ServeArgs,
     pub ledger: Arc<dyn EventLog>,
+    /// Requests' facts on their way to the ledger.
+    pub outbox: Outbox,
     pub store: ReadModels,
     pub projector: ProjectorHandle,
     pub keys: Arc<KeyCache>,
@@ -75,10 +77,27 @@ impl AppState {
         }
     }
 
+    /// Waits (up to `deadline`) until every request answered so far is in the ledger and
+    /// folded into the read models, so that what an admin reads next includes them.
+    pub async fn caught_up(&self, deadline: Duration) -> Result<(), String> {
+        self.outbox
+            .flush(deadline)
+            .await
+            .map_err(|e| e.to_string())?;
+        let head = *self.ledger.head().borrow();
+        if head > 0 {
+            self.projector
+                .wait_for(head - 1, deadline)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
     pub fn exchange_deps(&self) -> ExchangeDeps {
         ExchangeDeps {
             prices: self.prices.clone(),
-            ledger: self.ledger.clone(),
+            outbox: self.outbox.clone(),
             idle_timeout: self.settings.timeouts().first_byte,
         }
     }
@@ -256,6 +275,7 @@ pub async fn open(settings: ServeArgs) -> Result<Arc<AppState>, StartError> {
         .await?
         .with_writer(embedded.writer());
     let ledger: Arc<dyn EventLog> = Arc::new(embedded);
+    let outbox = Outbox::open(&settings.data_dir, ledger.clone()).await?;
     let projector = Projector::new(ledger.clone(), store.clone())
         .spawn()
         .await?;
@@ -269,6 +289,7 @@ pub async fn open(settings: ServeArgs) -> Result<Arc<AppState>, StartError> {
     Ok(Arc::new(AppState {
         settings,
         ledger,
+        outbox,
         store,
         projector,
         keys,
@@ -341,7 +362,8 @@ pub async fn serve(state: Arc<AppState>) -> Result<(), StartError> {
         shutdown_signal().await;
         let _ = stopping_tx.send(true);
     };
-    tokio::select! {
+    let outbox = state.outbox.clone();
+    let served = tokio::select! {
         served = serve_on(listener, state, signal) => served,
         () = async {
             let _ = stopping.wait_for(|s| *s).await;
@@ -350,7 +372,12 @@ pub async fn serve(state: Arc<AppState>) -> Result<(), StartError> {
             tracing::warn!(grace = ?SHUTDOWN_GRACE, "in-flight requests did not finish in time; exiting anyway");
             Ok(())
         }
+    };
+    // Leave the ledger complete (what is left would be appended at the next start anyway).
+    if let Err(err) = outbox.flush(SHUTDOWN_GRACE).await {
+        tracing::warn!(error = %err, backlog = outbox.backlog(), "the outbox did not drain before exit; it will at the next start");
     }
+    served
 }
 
 /// Serves `state` on `listener` until `shutdown` completes.

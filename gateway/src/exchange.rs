@@ -7,7 +7,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use claw_ledger::{EventLog, FallbackReason, Provider};
+use claw_ledger::{FallbackReason, Outbox, Provider};
 use futures::future::BoxFuture;
 use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
@@ -30,7 +30,8 @@ pub const CLIENT_CLOSED: u16 = 499;
 /// What an exchange needs from the gateway.
 #[derive(Clone)]
 pub struct ExchangeDeps {
-    pub ledger: Arc<dyn EventLog>,
+    /// Where each request's facts go (durable before its response ends).
+    pub outbox: Outbox,
     /// Longest wait for the next upstream chunk.
     pub idle_timeout: Duration,
     /// What paid models cost.
@@ -160,7 +161,7 @@ async fn account_failure(
         cost_usd: rust_decimal::Decimal::ZERO,
     };
     // The client gets the upstream error either way; a ledger failure is logged by commit.
-    let _ = record.commit(deps.ledger.as_ref(), &outcome).await;
+    let _ = record.commit(&deps.outbox, &outcome).await;
     error
 }
 
@@ -352,7 +353,7 @@ impl ChatJob {
             None,
         );
         record
-            .commit(deps.ledger.as_ref(), &outcome)
+            .commit(&deps.outbox, &outcome)
             .await
             .map_err(|_| ApiError::ledger_unavailable())?;
         let ids = completion_ids(&record.request_id, &won.attempt.model);
@@ -457,7 +458,7 @@ impl ChatJob {
             tokens_estimated,
             answer.ttft_ms,
         );
-        let durable = record.commit(deps.ledger.as_ref(), &outcome).await.is_ok();
+        let durable = record.commit(&deps.outbox, &outcome).await.is_ok();
         if let Some(err) = failure {
             let _ = frames
                 .send(ApiError::upstream(format!("the upstream stream broke: {err}")).to_json())
@@ -571,7 +572,7 @@ impl EmbedJob {
             None,
         );
         record
-            .commit(deps.ledger.as_ref(), &outcome)
+            .commit(&deps.outbox, &outcome)
             .await
             .map_err(|_| ApiError::ledger_unavailable())?;
         Ok(EmbedReply {

@@ -4,6 +4,7 @@
 
 pub mod event;
 pub mod log;
+pub mod outbox;
 pub mod schema;
 pub mod sqlite;
 pub mod writer;
@@ -13,5 +14,6 @@ pub use event::{
     RequestServed, Tier, TierFallback, SCHEMA_VERSION,
 };
 pub use log::{EventLog, LedgerError, Recorded};
+pub use outbox::Outbox;
 pub use sqlite::SqliteLedger;
 pub use writer::SqliteWriter;

@@ -224,6 +224,11 @@ impl TestGateway {
 
     /// Every event in the ledger, in order.
     pub async fn events(&self) -> Vec<Envelope> {
+        self.state
+            .outbox
+            .flush(Duration::from_secs(10))
+            .await
+            .expect("the outbox drains");
         let head = *self.state.ledger.head().borrow();
         let limit = usize::try_from(head).unwrap_or(usize::MAX).max(1);
         self.state
@@ -262,14 +267,10 @@ impl TestGateway {
 
     /// Waits until the projection has folded everything in the ledger (deadline 10 s).
     pub async fn settle(&self) {
-        let head = *self.state.ledger.head().borrow();
-        if head > 0 {
-            self.state
-                .projector
-                .wait_for(head - 1, Duration::from_secs(10))
-                .await
-                .expect("projection catches up");
-        }
+        self.state
+            .caught_up(Duration::from_secs(10))
+            .await
+            .expect("the outbox drains and the projection catches up");
     }
 
     /// Waits (deadline 10 s) until the ledger holds `n` `RequestServed` events.

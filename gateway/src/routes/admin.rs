@@ -187,6 +187,10 @@ pub async fn usage(
         since: bound("since", query.since.as_ref())?,
         until: bound("until", query.until.as_ref())?,
     };
+    // Read your writes: every request answered before this one is counted.
+    if let Err(err) = state.caught_up(PROJECTION_WAIT).await {
+        tracing::warn!(error = %err, "usage may miss the latest requests");
+    }
     let doc = state.store.usage(&filter).await.map_err(store_error)?;
     Ok(Json(doc))
 }
@@ -206,6 +210,9 @@ pub async fn events(
     State(state): State<Arc<AppState>>,
     Query(query): Query<EventsQuery>,
 ) -> Response {
+    if let Err(err) = state.outbox.flush(PROJECTION_WAIT).await {
+        tracing::warn!(error = %err, "the events may miss the latest requests");
+    }
     let ledger = state.ledger.clone();
     let mut head = ledger.head();
     let stream = async_stream_lines(move |tx| async move {
@@ -287,6 +294,7 @@ pub async fn status(_: Admin, State(state): State<Arc<AppState>>) -> Json<Value>
         "models": models,
         "tiers": state.router.tier_states(),
         "ledger": {"backend": "sqlite", "head": *state.ledger.head().borrow()},
+        "outbox": {"backlog": state.outbox.backlog()},
         "projection": {"applied": state.projector.applied()},
     }))
 }
