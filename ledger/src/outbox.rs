@@ -35,7 +35,7 @@ const PREALLOCATE: u64 = 8 << 20;
 const SWITCH_AFTER: u64 = 4 << 20;
 /// After events arrive, how long the drainer lets more gather before appending them.
 const DRAIN_GATHER: Duration = Duration::from_millis(2);
-/// The most events appended to the ledger at once.
+/// The most records appended to the ledger at once.
 const DRAIN_BATCH: usize = 1024;
 /// Header: `claw-outbox v1 gen=` + 20 digits + `\n`.
 const HEADER_PREFIX: &str = "claw-outbox v1 gen=";
@@ -127,12 +127,13 @@ impl Outbox {
     /// Records `events`: returns once they are durable in the outbox file (and so certain to
     /// reach the ledger, in order).
     pub async fn record(&self, events: Vec<Envelope>) -> Result<(), LedgerError> {
-        let generation_free_lines = encode(&events)?;
+        // Encoded here, on the caller's task; the outbox thread only prefixes the generation.
+        let lines = encode(&events)?;
         let (done, wait) = oneshot::channel();
         self.jobs
             .send(Job::Record {
                 events,
-                lines: generation_free_lines,
+                lines,
                 done,
             })
             .await
