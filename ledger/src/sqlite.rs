@@ -13,7 +13,7 @@ use tokio::sync::watch;
 
 use crate::event::Envelope;
 use crate::log::{EventLog, LedgerError, Recorded};
-use crate::writer::{seq_to_offset, Row, SqliteWriter};
+use crate::writer::{seq_to_offset, Row, SqliteWriter, CHECKPOINT_EVERY};
 
 /// The SQLite-backed `EventLog`.
 pub struct SqliteLedger {
@@ -39,7 +39,15 @@ pub fn sqlite_options(path: &Path) -> SqliteConnectOptions {
 impl SqliteLedger {
     /// Opens (creating if needed) the ledger in the SQLite file at `path`.
     pub async fn open(path: &Path) -> Result<Self, LedgerError> {
-        let (writer, head) = SqliteWriter::start(path)?;
+        Self::open_with_checkpoints(path, CHECKPOINT_EVERY).await
+    }
+
+    /// [`open`](Self::open), checkpointing the write-ahead log every `checkpoint_every`.
+    pub async fn open_with_checkpoints(
+        path: &Path,
+        checkpoint_every: Duration,
+    ) -> Result<Self, LedgerError> {
+        let (writer, head) = SqliteWriter::start(path, checkpoint_every)?;
         let reader = SqlitePoolOptions::new()
             .test_before_acquire(false)
             .max_connections(4)

@@ -116,7 +116,9 @@ async fn followers_are_woken_by_new_appends() {
 async fn the_write_ahead_log_starts_over_under_steady_appends() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("claw.db");
-    let log = SqliteLedger::open(&path).await.unwrap();
+    let log = SqliteLedger::open_with_checkpoints(&path, Duration::from_millis(200))
+        .await
+        .unwrap();
     let wal = dir.path().join("claw.db-wal");
     // One event per commit for a while: each commit adds at least two 4 KiB frames, so a log
     // that never started over would pass 8 MiB; checkpoints and restarts keep it far smaller.
