@@ -460,27 +460,16 @@ impl ChatProvider for Anthropic {
 mod tests {
     use super::*;
     use crate::config::ServeArgs;
+    use crate::providers::test_support::{self, chat_request, msg};
     use crate::providers::{ChatParams, Image};
     use proptest::prelude::*;
 
-    fn msg(role: Role, content: &str) -> Message {
-        Message {
-            role,
-            content: content.into(),
-            images: vec![],
-        }
-    }
-
     fn request(messages: Vec<Message>, params: ChatParams) -> ChatRequest {
-        ChatRequest {
-            model: "claude-3-5-sonnet-latest".into(),
-            messages,
-            params,
-        }
+        chat_request("claude-3-5-sonnet-latest", messages, params)
     }
 
     fn http() -> Upstream {
-        Upstream::new("anthropic", ServeArgs::test_timeouts()).unwrap()
+        test_support::http("anthropic")
     }
 
     /// Runs `events` (name, data) through the stream reader and collects what comes out.

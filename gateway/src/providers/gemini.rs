@@ -895,28 +895,17 @@ impl<C: Clock> AccountPool<C> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::providers::test_support::{self, chat_request, msg};
     use crate::providers::{ChatParams, Image};
     use governor::clock::FakeRelativeClock;
     use proptest::prelude::*;
 
-    fn msg(role: Role, content: &str) -> Message {
-        Message {
-            role,
-            content: content.into(),
-            images: vec![],
-        }
-    }
-
     fn request(messages: Vec<Message>, params: ChatParams) -> ChatRequest {
-        ChatRequest {
-            model: "gemini-1.5-flash".into(),
-            messages,
-            params,
-        }
+        chat_request("gemini-1.5-flash", messages, params)
     }
 
     fn http() -> Upstream {
-        Upstream::new(NAME, crate::config::ServeArgs::test_timeouts()).unwrap()
+        test_support::http(NAME)
     }
 
     #[test]

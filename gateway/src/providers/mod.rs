@@ -7,6 +7,8 @@ pub mod gemini;
 pub mod http;
 pub mod ollama;
 pub mod openai;
+#[cfg(test)]
+pub(crate) mod test_support;
 
 use std::pin::Pin;
 

@@ -375,7 +375,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn http() -> Upstream {
-        Upstream::new("openai", crate::config::ServeArgs::test_timeouts()).unwrap()
+        crate::providers::test_support::http("openai")
     }
 
     fn message(role: Role, content: &str, images: &[&str]) -> Message {
