@@ -18,7 +18,6 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::os::unix::fs::FileExt as _;
 use std::path::Path;
-use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -101,7 +100,6 @@ impl Outbox {
         let (to_drain, drain_rx) = mpsc::channel::<Accepted>(QUEUE_DEPTH);
         let (drained_tx, drained) = watch::channel(0);
         let (backlog_tx, backlog) = watch::channel(0);
-        let (progress_tx, progress) = std_mpsc::channel::<u64>();
         let [first, second] = files;
         let writer = FileWriter {
             segments: [(first, 0), (second, 0)],
@@ -109,14 +107,13 @@ impl Outbox {
             generation: generation + 2,
             end: HEADER_LEN,
             seq: 0,
-            drained: 0,
-            progress,
+            drained: drained.clone(),
         };
         std::thread::Builder::new()
             .name("claw-outbox".into())
             .spawn(move || writer.run(rx, &to_drain))
             .map_err(LedgerError::Thread)?;
-        tokio::spawn(drain(log, drain_rx, drained_tx, backlog_tx, progress_tx));
+        tokio::spawn(drain(log, drain_rx, drained_tx, backlog_tx));
         Ok(Self {
             jobs,
             drained,
@@ -280,8 +277,7 @@ struct FileWriter {
     /// Sequence number of the last record accepted.
     seq: u64,
     /// Sequence number the drainer has appended up to.
-    drained: u64,
-    progress: std_mpsc::Receiver<u64>,
+    drained: watch::Receiver<u64>,
 }
 
 impl FileWriter {
@@ -350,11 +346,8 @@ impl FileWriter {
     /// Moves to the other segment when the current one is full and everything in the other
     /// has reached the ledger.
     fn maybe_switch(&mut self) {
-        while let Ok(drained) = self.progress.try_recv() {
-            self.drained = self.drained.max(drained);
-        }
         let other = 1 - self.current;
-        if self.end < SWITCH_AFTER || self.segments[other].1 > self.drained {
+        if self.end < SWITCH_AFTER || self.segments[other].1 > *self.drained.borrow() {
             return;
         }
         match write_header(&self.segments[other].0, self.generation + 1) {
@@ -374,35 +367,30 @@ async fn drain(
     mut rx: mpsc::Receiver<Accepted>,
     drained: watch::Sender<u64>,
     backlog: watch::Sender<usize>,
-    progress: std_mpsc::Sender<u64>,
 ) {
-    let mut batch: Vec<Accepted> = Vec::new();
     loop {
-        if batch.is_empty() {
-            match rx.recv().await {
-                Some(first) => batch.push(first),
-                None => return,
-            }
-            tokio::time::sleep(DRAIN_GATHER).await;
-        }
+        let Some(first) = rx.recv().await else {
+            return;
+        };
+        tokio::time::sleep(DRAIN_GATHER).await;
+        let mut batch: Vec<Accepted> = vec![first];
         while batch.len() < DRAIN_BATCH {
             match rx.try_recv() {
                 Ok(record) => batch.push(record),
                 Err(_) => break,
             }
         }
-        let events: Vec<Envelope> = batch.iter().flat_map(|(_, e)| e.iter().cloned()).collect();
+        let last = batch.last().map_or(0, |(seq, _)| *seq);
         backlog.send_replace(batch.len() + rx.len());
+        let events: Vec<Envelope> = batch.drain(..).flat_map(|(_, events)| events).collect();
         let mut delay = Duration::from_millis(50);
+        // `append` takes the events; the copy is what a retry needs.
         while let Err(err) = log.append(events.clone()).await {
             tracing::error!(error = %err, events = events.len(), "outbox could not append to the ledger; retrying");
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(5));
         }
-        let last = batch.last().map_or(0, |(seq, _)| *seq);
-        batch.clear();
         drained.send_replace(last);
         backlog.send_replace(rx.len());
-        let _ = progress.send(last);
     }
 }
