@@ -28,7 +28,7 @@ use futures::{Stream, StreamExt};
 use reqwest::header::HeaderValue;
 use serde_json::{json, Value};
 
-use super::http::Upstream;
+use super::http::{listed, Upstream};
 use super::{
     ChatEvent, ChatProvider, ChatRequest, ChatStream, Embeddings, FinishReason, Message,
     OutputFormat, ProviderError, Role, Usage,
@@ -110,20 +110,8 @@ impl Anthropic {
         }
         let call = self.authorized(self.http.client.get(url))?;
         let response = self.http.send(call).await?;
-        let body: Value = response
-            .json()
-            .await
-            .map_err(|e| self.http.transport_error(&e))?;
-        let ids: Vec<String> = body
-            .get("data")
-            .and_then(Value::as_array)
-            .map(|models| {
-                models
-                    .iter()
-                    .filter_map(|m| m.get("id")?.as_str().map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let body = self.http.json(response).await?;
+        let ids = listed(&body, "data", "id");
         let next = (body.get("has_more").and_then(Value::as_bool) == Some(true))
             .then(|| {
                 body.get("last_id")

@@ -177,13 +177,6 @@ impl Gemini {
         }
     }
 
-    async fn json(&self, response: reqwest::Response) -> Result<Value, ProviderError> {
-        response
-            .json()
-            .await
-            .map_err(|e| self.http.transport_error(&e))
-    }
-
     async fn embed_one(&self, model: &str, input: &str) -> Result<Vec<f32>, ProviderError> {
         let url = self.model_url(model, "embedContent");
         let name = format!("models/{}", model.strip_prefix("models/").unwrap_or(model));
@@ -192,7 +185,7 @@ impl Gemini {
             .call(|| self.http.client.post(&url).json(&body))
             .await
             .map_err(|e| e.for_model(model))?;
-        let body = self.json(response).await?;
+        let body = self.http.json(response).await?;
         serde_json::from_value(
             body.pointer("/embedding/values")
                 .cloned()
@@ -858,7 +851,7 @@ impl ChatProvider for Gemini {
                 .get(page_url)
                 .header(GOOG_API_KEY, self.pool.key_header(index));
             let response = self.send(request).await.map_err(ProviderError::from)?;
-            let body = self.json(response).await?;
+            let body = self.http.json(response).await?;
             names.extend(
                 body.get("models")
                     .and_then(Value::as_array)

@@ -73,6 +73,11 @@ impl Upstream {
             .map_err(|e| self.transport_error(&e))
     }
 
+    /// Reads a successful response's body as JSON.
+    pub async fn json(&self, response: reqwest::Response) -> Result<Value, ProviderError> {
+        response.json().await.map_err(|e| self.transport_error(&e))
+    }
+
     /// The error for a non-2xx answer: 429 → `RateLimited`, anything else → `Status`.
     pub fn status_error(
         &self,
@@ -197,6 +202,20 @@ pub fn error_message(body: &str) -> String {
             .map(str::to_owned)
     });
     from_json.unwrap_or_else(|| body.chars().take(500).collect())
+}
+
+/// The string `field` of each object in `body[list]` (model listings: `data[].id`,
+/// `models[].name`); items without it are skipped, a missing list is empty.
+pub fn listed(body: &Value, list: &str, field: &str) -> Vec<String> {
+    body.get(list)
+        .and_then(Value::as_array)
+        .map(|items| {
+            items
+                .iter()
+                .filter_map(|m| m.get(field)?.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

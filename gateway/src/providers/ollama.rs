@@ -6,7 +6,7 @@ use claw_ledger::Provider;
 use futures::StreamExt;
 use serde_json::{json, Map, Value};
 
-use super::http::Upstream;
+use super::http::{listed, Upstream};
 use super::{
     ChatEvent, ChatProvider, ChatRequest, ChatStream, Embeddings, FinishReason, OutputFormat,
     ProviderError, Usage,
@@ -133,10 +133,7 @@ impl ChatProvider for Ollama {
             .post(self.url("/api/embed"))
             .json(&json!({"model": model, "input": inputs}));
         let response = self.http.send(call).await.map_err(|e| e.for_model(model))?;
-        let body: Value = response
-            .json()
-            .await
-            .map_err(|e| self.http.transport_error(&e))?;
+        let body = self.http.json(response).await?;
         let vectors: Vec<Vec<f32>> =
             serde_json::from_value(body.get("embeddings").cloned().unwrap_or(Value::Null))
                 .map_err(|e| self.http.protocol(format!("bad embeddings: {e}")))?;
@@ -158,20 +155,8 @@ impl ChatProvider for Ollama {
             .http
             .send(self.http.client.get(self.url("/api/tags")))
             .await?;
-        let body: Value = response
-            .json()
-            .await
-            .map_err(|e| self.http.transport_error(&e))?;
-        Ok(body
-            .get("models")
-            .and_then(Value::as_array)
-            .map(|models| {
-                models
-                    .iter()
-                    .filter_map(|m| m.get("name")?.as_str().map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default())
+        let body = self.http.json(response).await?;
+        Ok(listed(&body, "models", "name"))
     }
 }
 

@@ -15,7 +15,7 @@ use claw_ledger::Provider;
 use futures::StreamExt;
 use serde_json::{json, Value};
 
-use super::http::{error_message, Upstream};
+use super::http::{error_message, listed, Upstream};
 use super::{
     ChatEvent, ChatProvider, ChatRequest, ChatStream, Embeddings, FinishReason, Message,
     OutputFormat, ProviderError, Usage,
@@ -89,13 +89,6 @@ impl OpenAi {
                 None => err,
             }
         })
-    }
-
-    async fn json(&self, response: reqwest::Response) -> Result<Value, ProviderError> {
-        response
-            .json()
-            .await
-            .map_err(|e| self.http.transport_error(&e))
     }
 }
 
@@ -306,7 +299,7 @@ impl ChatProvider for OpenAi {
         let response = self
             .send(self.post("/embeddings", &body), Some(model))
             .await?;
-        let body = self.json(response).await?;
+        let body = self.http.json(response).await?;
         let embeddings = parse_embeddings(&body)
             .map_err(|message| self.http.protocol(format!("bad embeddings: {message}")))?;
         if embeddings.vectors.len() != inputs.len() {
@@ -325,17 +318,8 @@ impl ChatProvider for OpenAi {
             .client
             .get(self.url("/models"))
             .bearer_auth(&self.api_key);
-        let body = self.json(self.send(call, None).await?).await?;
-        Ok(body
-            .get("data")
-            .and_then(Value::as_array)
-            .map(|models| {
-                models
-                    .iter()
-                    .filter_map(|m| m.get("id")?.as_str().map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default())
+        let body = self.http.json(self.send(call, None).await?).await?;
+        Ok(listed(&body, "data", "id"))
     }
 }
 
