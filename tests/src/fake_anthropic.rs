@@ -18,23 +18,22 @@
 //! Behaviour is adjustable at runtime through [`FakeAnthropic::set_behavior`], and every
 //! request to `/v1/messages` is recorded (headers and body) for assertions.
 
-use crate::fake_server::{Script, Serving};
+use crate::fake_server::{
+    any_local_port, bind, pieces, streamed_body, to_u64, Bound, Script, Serving,
+};
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
 /// The only `anthropic-version` the fake accepts.
 pub const API_VERSION: &str = "2023-06-01";
@@ -135,17 +134,14 @@ impl FakeAnthropic {
     /// # Panics
     /// If no local port can be bound.
     pub async fn start() -> FakeAnthropic {
-        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0)))
+        Self::start_on(any_local_port())
             .await
             .expect("bind a local port for the fake Anthropic")
     }
 
     /// Starts on `addr` on the current tokio runtime.
     pub async fn start_on(addr: SocketAddr) -> std::io::Result<FakeAnthropic> {
-        let listener = tokio::net::TcpListener::bind(addr).await?;
-        let addr = listener.local_addr()?;
-        let shared = Arc::new(Shared::default());
-        let app = Router::new()
+        let routes = Router::new()
             .route("/v1/messages", post(messages))
             .route("/v1/models", get(models))
             .fallback(|| async {
@@ -155,11 +151,15 @@ impl FakeAnthropic {
                     "Not Found",
                     "req_01FAKEFALLBACK",
                 )
-            })
-            .with_state(Arc::clone(&shared));
-        let server = Serving::start(listener, app);
+            });
+        let Bound {
+            base_url,
+            addr,
+            shared,
+            server,
+        } = bind(addr, Shared::default(), routes).await?;
         Ok(FakeAnthropic {
-            base_url: format!("http://{addr}"),
+            base_url,
             addr,
             shared,
             _server: server,
@@ -241,26 +241,6 @@ fn header_refusal(headers: &HeaderMap, b: &Behavior, request_id: &str) -> Option
             request_id,
         )),
     }
-}
-
-/// Splits text into word pieces that keep their leading whitespace.
-fn pieces(text: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    for ch in text.chars() {
-        if ch.is_whitespace() && !cur.trim().is_empty() {
-            out.push(std::mem::take(&mut cur));
-        }
-        cur.push(ch);
-    }
-    if !cur.is_empty() {
-        out.push(cur);
-    }
-    out
-}
-
-fn to_u64(n: usize) -> u64 {
-    u64::try_from(n).unwrap_or(u64::MAX)
 }
 
 /// The text of a `content` field (a string or blocks), or why it is refused.
@@ -509,7 +489,7 @@ fn whole(reply: &Reply, request_id: String) -> Response {
 /// The answer as Anthropic's event stream.
 fn streamed(reply: Reply, b: &Behavior, request_id: String) -> Response {
     let (chunk_delay, error_mid_stream) = (b.chunk_delay, b.error_mid_stream);
-    let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(16);
+    let (tx, stream) = streamed_body();
     tokio::spawn(async move {
         let frame =
             |name: &str, data: &Value| Ok(Bytes::from(format!("event: {name}\ndata: {data}\n\n")));
@@ -577,7 +557,7 @@ fn streamed(reply: Reply, b: &Behavior, request_id: String) -> Response {
             (header::CACHE_CONTROL, "no-cache".to_owned()),
             (header::HeaderName::from_static("request-id"), request_id),
         ],
-        Body::from_stream(ReceiverStream::new(rx)),
+        stream,
     )
         .into_response()
 }

@@ -16,23 +16,22 @@
 //! Behaviour is adjustable at runtime through [`FakeGemini::set_behavior`], and every request
 //! is recorded with the key it carried.
 
-use crate::fake_server::{Script, Serving};
+use crate::fake_server::{
+    any_local_port, bind, embedding, fnv1a, pieces, streamed_body, to_u64, Bound, Script, Serving,
+};
 use std::collections::{HashMap, HashSet};
-use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
 /// What the fake answers; change it at runtime with [`FakeGemini::set_behavior`].
 #[derive(Clone, Debug)]
@@ -132,23 +131,24 @@ impl FakeGemini {
     /// # Panics
     /// If no local port can be bound.
     pub async fn start() -> FakeGemini {
-        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0)))
+        Self::start_on(any_local_port())
             .await
             .expect("bind a local port for the fake Gemini")
     }
 
     /// Starts on `addr` on the current tokio runtime.
     pub async fn start_on(addr: SocketAddr) -> std::io::Result<FakeGemini> {
-        let listener = tokio::net::TcpListener::bind(addr).await?;
-        let addr = listener.local_addr()?;
-        let shared = Arc::new(Shared::default());
-        let app = Router::new()
+        let routes = Router::new()
             .route("/v1beta/models", get(list_models))
-            .route("/v1beta/models/{target}", get(get_model).post(model_method))
-            .with_state(Arc::clone(&shared));
-        let server = Serving::start(listener, app);
+            .route("/v1beta/models/{target}", get(get_model).post(model_method));
+        let Bound {
+            base_url,
+            addr,
+            shared,
+            server,
+        } = bind(addr, Shared::default(), routes).await?;
         Ok(FakeGemini {
-            base_url: format!("http://{addr}"),
+            base_url,
             addr,
             shared,
             _server: server,
@@ -433,22 +433,6 @@ enum Framing {
     JsonArray,
 }
 
-/// Splits text into word pieces that keep their leading whitespace.
-fn pieces(text: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    for ch in text.chars() {
-        if ch.is_whitespace() && !cur.trim().is_empty() {
-            out.push(std::mem::take(&mut cur));
-        }
-        cur.push(ch);
-    }
-    if !cur.is_empty() {
-        out.push(cur);
-    }
-    out
-}
-
 /// Characters of every text part in `content` (a `Content` object).
 fn content_chars(content: &Value) -> usize {
     content["parts"]
@@ -458,10 +442,6 @@ fn content_chars(content: &Value) -> usize {
         .filter_map(|p| p["text"].as_str())
         .map(|t| t.chars().count())
         .sum()
-}
-
-fn to_u64(n: usize) -> u64 {
-    u64::try_from(n).unwrap_or(u64::MAX)
 }
 
 fn chunk(model: &str, text: &str) -> Value {
@@ -510,7 +490,7 @@ async fn generate(req: &Value, model: &str, b: &Behavior, framing: Framing) -> R
     let last = parts.pop().unwrap_or_default();
     let mut chunks: Vec<Value> = parts.iter().map(|p| chunk(model, p)).collect();
     chunks.push(finish(chunk(model, &last)));
-    let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(16);
+    let (tx, stream) = streamed_body();
     let (delay, hang_after) = (b.chunk_delay, b.hang_after_chunks);
     tokio::spawn(async move {
         let total = chunks.len();
@@ -544,28 +524,7 @@ async fn generate(req: &Value, model: &str, b: &Behavior, framing: Framing) -> R
     } else {
         "application/json; charset=UTF-8"
     };
-    (
-        [(header::CONTENT_TYPE, content_type)],
-        Body::from_stream(ReceiverStream::new(rx)),
-    )
-        .into_response()
-}
-
-fn fnv1a(text: &str, seed: u64) -> u64 {
-    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    for byte in text.bytes() {
-        h = (h ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
-    }
-    h
-}
-
-/// Deterministic, L2-normalised pseudo-embedding of `text`.
-fn embedding(text: &str, dims: usize) -> Vec<f32> {
-    let raw: Vec<f32> = (0..to_u64(dims))
-        .map(|i| f32::from(u16::try_from(fnv1a(text, i) >> 48).unwrap_or(0)) / 32767.5 - 1.0)
-        .collect();
-    let norm = raw.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
-    raw.into_iter().map(|x| x / norm).collect()
+    ([(header::CONTENT_TYPE, content_type)], stream).into_response()
 }
 
 fn embed(req: &Value, b: &Behavior) -> Response {
@@ -588,7 +547,7 @@ fn embed(req: &Value, b: &Behavior) -> Response {
         Some(d) if d > 0 && d < b.embedding_dims => d,
         _ => b.embedding_dims,
     };
-    Json(json!({"embedding": {"values": embedding(&texts.join(" "), dims)}})).into_response()
+    Json(json!({"embedding": {"values": embedding(&texts.join(" "), dims, fnv1a)}})).into_response()
 }
 
 #[cfg(test)]

@@ -14,22 +14,21 @@
 //! Behaviour is adjustable at runtime through [`FakeOllama::set_behavior`], and
 //! every chat/embed request body is recorded for assertions.
 
-use crate::fake_server::{Script, Serving};
-use std::convert::Infallible;
+use crate::fake_server::{
+    any_local_port, bind, embedding, fnv1a, pieces, streamed_body, to_u64, Bound, Script, Serving,
+};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
 /// How a token count is reported in a response.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -121,17 +120,14 @@ impl FakeOllama {
     /// # Panics
     /// If no local port can be bound.
     pub async fn start() -> FakeOllama {
-        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0)))
+        Self::start_on(any_local_port())
             .await
             .expect("bind a local port for the fake Ollama")
     }
 
     /// Starts on `addr` on the current tokio runtime.
     pub async fn start_on(addr: SocketAddr) -> std::io::Result<FakeOllama> {
-        let listener = tokio::net::TcpListener::bind(addr).await?;
-        let addr = listener.local_addr()?;
-        let shared = Arc::new(Shared::default());
-        let app = Router::new()
+        let routes = Router::new()
             .route("/", get(|| async { "Ollama is running" }))
             .route(
                 "/api/version",
@@ -139,11 +135,15 @@ impl FakeOllama {
             )
             .route("/api/tags", get(tags))
             .route("/api/chat", post(chat))
-            .route("/api/embed", post(embed))
-            .with_state(Arc::clone(&shared));
-        let server = Serving::start(listener, app);
+            .route("/api/embed", post(embed));
+        let Bound {
+            base_url,
+            addr,
+            shared,
+            server,
+        } = bind(addr, Shared::default(), routes).await?;
         Ok(FakeOllama {
-            base_url: format!("http://{addr}"),
+            base_url,
             addr,
             shared,
             _server: server,
@@ -175,10 +175,6 @@ fn error(status: StatusCode, msg: impl Into<String>) -> Response {
 
 fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
-}
-
-fn to_u64(n: usize) -> u64 {
-    u64::try_from(n).unwrap_or(u64::MAX)
 }
 
 fn with_latest(name: &str) -> String {
@@ -243,7 +239,7 @@ async fn tags(State(shared): State<Arc<Shared>>) -> Json<Value> {
         .iter()
         .map(|name| {
             let name = with_latest(name);
-            let h = |seed| fnv1a(&name, seed);
+            let h = |seed| mixed_fnv1a(&name, seed);
             let digest = format!("{:016x}{:016x}{:016x}{:016x}", h(0), h(1), h(2), h(3));
             json!({
                 "name": name, "model": name,
@@ -255,22 +251,6 @@ async fn tags(State(shared): State<Arc<Shared>>) -> Json<Value> {
         })
         .collect();
     Json(json!({ "models": models }))
-}
-
-/// Splits text into word pieces that keep their leading whitespace.
-fn pieces(text: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    for ch in text.chars() {
-        if ch.is_whitespace() && !cur.trim().is_empty() {
-            out.push(std::mem::take(&mut cur));
-        }
-        cur.push(ch);
-    }
-    if !cur.is_empty() {
-        out.push(cur);
-    }
-    out
 }
 
 fn message(model: &str, content: &str, done: bool) -> Value {
@@ -334,7 +314,7 @@ async fn chat(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
         return Json(finish(&parts.concat())).into_response();
     }
 
-    let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(16);
+    let (tx, stream) = streamed_body();
     tokio::spawn(async move {
         let line = |v: &Value| Ok(Bytes::from(format!("{v}\n")));
         for (i, part) in parts.iter().enumerate() {
@@ -360,19 +340,13 @@ async fn chat(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
         pause(b.chunk_delay).await;
         let _ = tx.send(line(&finish(""))).await;
     });
-    (
-        [(header::CONTENT_TYPE, "application/x-ndjson")],
-        Body::from_stream(ReceiverStream::new(rx)),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "application/x-ndjson")], stream).into_response()
 }
 
-fn fnv1a(text: &str, seed: u64) -> u64 {
-    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    for byte in text.bytes() {
-        h = (h ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
-    }
-    // Final avalanche (from MurmurHash3), so one-byte inputs differ in the high bits too.
+/// [`fnv1a`] with a final avalanche (from MurmurHash3), so one-byte inputs differ in the
+/// high bits too.
+fn mixed_fnv1a(text: &str, seed: u64) -> u64 {
+    let mut h = fnv1a(text, seed);
     h ^= h >> 33;
     h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
     h ^ (h >> 33)
@@ -383,15 +357,6 @@ async fn pause(d: Duration) {
     if !d.is_zero() {
         tokio::time::sleep(d).await;
     }
-}
-
-/// Deterministic, L2-normalised pseudo-embedding of `text`.
-fn embedding(text: &str, dims: usize) -> Vec<f32> {
-    let raw: Vec<f32> = (0..to_u64(dims))
-        .map(|i| f32::from(u16::try_from(fnv1a(text, i) >> 48).unwrap_or(0)) / 32767.5 - 1.0)
-        .collect();
-    let norm = raw.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
-    raw.into_iter().map(|x| x / norm).collect()
 }
 
 async fn embed(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
@@ -420,7 +385,10 @@ async fn embed(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
         Some(d) if d > 0 && d < b.embedding_dims => d,
         _ => b.embedding_dims,
     };
-    let embeddings: Vec<Vec<f32>> = inputs.iter().map(|t| embedding(t, dims)).collect();
+    let embeddings: Vec<Vec<f32>> = inputs
+        .iter()
+        .map(|t| embedding(t, dims, mixed_fnv1a))
+        .collect();
     let tokens: usize = inputs.iter().map(|t| (t.chars().count() / 4).max(1)).sum();
     let mut v = json!({"model": model, "embeddings": embeddings,
         "total_duration": 3_000_000u64, "load_duration": 1_000_000u64});

@@ -19,22 +19,21 @@
 //! Behaviour is adjustable at runtime through [`FakeOpenAi::set_behavior`], and every chat and
 //! embeddings request body is recorded for assertions.
 
-use crate::fake_server::{Script, Serving};
-use std::convert::Infallible;
+use crate::fake_server::{
+    self, any_local_port, bind, pieces, streamed_body, to_u64, Bound, Frames, Script, Serving,
+};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
 use crate::openai_schema;
 
@@ -148,29 +147,31 @@ impl FakeOpenAi {
     /// # Panics
     /// If no local port can be bound.
     pub async fn start_with_key(api_key: &str) -> FakeOpenAi {
-        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), api_key)
+        Self::start_on(any_local_port(), api_key)
             .await
             .expect("bind a local port for the fake OpenAI")
     }
 
     /// Starts on `addr` accepting `api_key`, on the current tokio runtime.
     pub async fn start_on(addr: SocketAddr, api_key: &str) -> std::io::Result<FakeOpenAi> {
-        let listener = tokio::net::TcpListener::bind(addr).await?;
-        let addr = listener.local_addr()?;
-        let shared = Arc::new(Shared {
+        let state = Shared {
             api_key: api_key.to_owned(),
             script: Script::default(),
             chat_requests: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
-        });
-        let app = Router::new()
+        };
+        let routes = Router::new()
             .route("/v1/chat/completions", post(chat))
             .route("/v1/embeddings", post(embeddings))
-            .route("/v1/models", get(models))
-            .with_state(Arc::clone(&shared));
-        let server = Serving::start(listener, app);
+            .route("/v1/models", get(models));
+        let Bound {
+            base_url,
+            addr,
+            shared,
+            server,
+        } = bind(addr, state, routes).await?;
         Ok(FakeOpenAi {
-            base_url: format!("http://{addr}/v1"),
+            base_url: format!("{base_url}/v1"),
             addr,
             api_key: api_key.to_owned(),
             shared,
@@ -375,26 +376,6 @@ async fn admit(
     Ok((req, b))
 }
 
-fn to_u64(n: usize) -> u64 {
-    u64::try_from(n).unwrap_or(u64::MAX)
-}
-
-/// Splits text into word pieces that keep their leading whitespace.
-fn pieces(text: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    for ch in text.chars() {
-        if ch.is_whitespace() && !cur.trim().is_empty() {
-            out.push(std::mem::take(&mut cur));
-        }
-        cur.push(ch);
-    }
-    if !cur.is_empty() {
-        out.push(cur);
-    }
-    out
-}
-
 /// The text of a request message (a string, or the `text` of its parts).
 fn message_text(message: &Value) -> String {
     match &message["content"] {
@@ -516,14 +497,14 @@ async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes
         obfuscate,
         usage_in_last_choice_chunk: b.usage_in_last_choice_chunk,
     };
-    let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(16);
+    let (tx, stream) = streamed_body();
     tokio::spawn(async move { chunks.send(&b, &tx).await });
     (
         [
             (header::CONTENT_TYPE, "text/event-stream; charset=utf-8"),
             (header::CACHE_CONTROL, "no-cache"),
         ],
-        Body::from_stream(ReceiverStream::new(rx)),
+        stream,
     )
         .into_response()
 }
@@ -614,7 +595,7 @@ impl StreamChunks {
         frames
     }
 
-    async fn send(self, b: &Behavior, tx: &mpsc::Sender<Result<Bytes, Infallible>>) {
+    async fn send(self, b: &Behavior, tx: &Frames) {
         let event = |data: &str| Ok(Bytes::from(format!("data: {data}\n\n")));
         let frames = self.frames();
         for (i, frame) in frames.iter().enumerate() {
@@ -641,21 +622,9 @@ impl StreamChunks {
     }
 }
 
-fn fnv1a(text: &str, seed: u64) -> u64 {
-    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    for byte in text.bytes() {
-        h = (h ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
-    }
-    h
-}
-
 /// Deterministic, L2-normalised pseudo-embedding of `text` (OpenAI's are normalised too).
 fn embedding(text: &str, dims: usize) -> Vec<f32> {
-    let raw: Vec<f32> = (0..to_u64(dims))
-        .map(|i| f32::from(u16::try_from(fnv1a(text, i) >> 48).unwrap_or(0)) / 32767.5 - 1.0)
-        .collect();
-    let norm = raw.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
-    raw.into_iter().map(|x| x / norm).collect()
+    fake_server::embedding(text, dims, fake_server::fnv1a)
 }
 
 /// Standard base64 (with padding) of `bytes`.
