@@ -1,10 +1,13 @@
 //! The outbox: recorded events reach the ledger in order, and what a crash left in the
 //! outbox files is appended at the next open, torn or stale lines excepted.
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use claw_ledger::{Envelope, EventLog, Outbox, SqliteLedger};
+use async_trait::async_trait;
+use claw_ledger::{Envelope, EventLog, LedgerError, Outbox, Recorded, SqliteLedger};
+use tokio::sync::watch;
 
 async fn ledger(dir: &std::path::Path) -> Arc<dyn EventLog> {
     Arc::new(SqliteLedger::open(&dir.join("claw.db")).await.unwrap())
@@ -40,6 +43,78 @@ async fn recorded_events_reach_the_ledger_in_order() {
     }
     outbox.flush(Duration::from_secs(10)).await.unwrap();
     assert_eq!(ledger_events(log.as_ref()).await, expected);
+    assert_eq!(outbox.backlog(), 0);
+}
+
+/// The real SQLite ledger behind a switch: while `down`, every append fails (as when the
+/// disk is full or, distributed, the brokers are unreachable) and is counted.
+struct Unreliable {
+    inner: Arc<dyn EventLog>,
+    down: AtomicBool,
+    refused: AtomicUsize,
+}
+
+#[async_trait]
+impl EventLog for Unreliable {
+    async fn append(&self, events: Vec<Envelope>) -> Result<Vec<u64>, LedgerError> {
+        if self.down.load(Ordering::SeqCst) {
+            self.refused.fetch_add(1, Ordering::SeqCst);
+            return Err(LedgerError::Write("injected: the ledger is down".into()));
+        }
+        self.inner.append(events).await
+    }
+
+    async fn read(&self, from: u64, limit: usize) -> Result<Vec<Recorded>, LedgerError> {
+        self.inner.read(from, limit).await
+    }
+
+    fn head(&self) -> watch::Receiver<u64> {
+        self.inner.head()
+    }
+
+    async fn ping(&self) -> Result<(), LedgerError> {
+        self.inner.ping().await
+    }
+}
+
+#[tokio::test]
+async fn records_made_while_the_ledger_is_down_reach_it_once_it_is_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let real = ledger(dir.path()).await;
+    let log = Arc::new(Unreliable {
+        inner: real.clone(),
+        down: AtomicBool::new(false),
+        refused: AtomicUsize::new(0),
+    });
+    let outbox = Outbox::open(dir.path(), log.clone()).await.unwrap();
+    log.down.store(true, Ordering::SeqCst);
+
+    // Recording still succeeds: the events are durable in the outbox file.
+    let mut expected = Vec::new();
+    for i in 0..5 {
+        let events = crate::sample_events(&format!("k{i}"));
+        outbox.record(events[1..3].to_vec()).await.unwrap();
+        expected.extend_from_slice(&events[1..3]);
+    }
+    let err = outbox.flush(Duration::from_millis(300)).await.unwrap_err();
+    assert!(
+        err.to_string().contains("did not reach the ledger"),
+        "{err}"
+    );
+    assert!(
+        log.refused.load(Ordering::SeqCst) >= 2,
+        "the drainer retries"
+    );
+    assert!(outbox.backlog() > 0, "what waits is reported");
+    assert!(ledger_events(real.as_ref()).await.is_empty());
+
+    log.down.store(false, Ordering::SeqCst);
+    outbox.flush(Duration::from_secs(15)).await.unwrap();
+    assert_eq!(
+        ledger_events(real.as_ref()).await,
+        expected,
+        "all, in order, once"
+    );
     assert_eq!(outbox.backlog(), 0);
 }
 
