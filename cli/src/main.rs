@@ -168,7 +168,7 @@ fn main() -> ExitCode {
 async fn run(claw: Claw) -> Result<ExitCode, CliError> {
     match claw {
         Claw::Serve(settings) => {
-            init_logging();
+            let _flush_logs_on_exit = init_logging();
             let state = claw_gateway::open(*settings).await.map_err(|e| CliError::Message(e.to_string()))?;
             claw_gateway::serve(state).await.map_err(|e| CliError::Message(e.to_string()))?;
             Ok(ExitCode::SUCCESS)
@@ -196,17 +196,23 @@ async fn run(claw: Claw) -> Result<ExitCode, CliError> {
 }
 
 /// Logs to stderr; `RUST_LOG` filters (default `info`), `CLAW_LOG_FORMAT=json` for JSON lines.
-fn init_logging() {
+///
+/// Lines are written by a thread of their own, so a request never waits for stderr (a slow
+/// pipe or terminal); if that thread falls 128k lines behind, further lines are dropped rather
+/// than stall requests. Keep the returned guard alive: dropping it writes what is left.
+fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
     use tracing_subscriber::EnvFilter;
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     if std::env::var("CLAW_LOG_FORMAT").is_ok_and(|f| f == "json") {
         builder.json().init();
     } else {
         builder.init();
     }
+    guard
 }
