@@ -130,6 +130,11 @@ struct WholeArgs {
     /// itself makes upstream, so the difference is then the gateway alone.
     #[arg(long)]
     direct_stream: bool,
+    /// Seconds of the disk probe run after the gateway (0: none): one outbox-sized record
+    /// written and `fdatasync`ed at a time, at `--rate`, in the gateway's data dir. What the
+    /// disk alone takes for the durable write every request waits for.
+    #[arg(long, default_value_t = 10.0)]
+    disk_probe: f64,
     #[command(flatten)]
     common: Common,
 }
@@ -779,6 +784,39 @@ fn percentile_rows(out: &mut String, title: &str, rows: &[(&str, &Value)]) {
     out.push('\n');
 }
 
+/// Bytes of one probe record: about one request's `RequestServed` line in the outbox.
+const PROBE_RECORD: usize = 700;
+
+/// Writes and `fdatasync`s one [`PROBE_RECORD`] at a time into a preallocated file in `dir`,
+/// `rate` times a second for `secs` seconds, as the gateway's outbox does for each request;
+/// returns the distribution of the time each write + sync took.
+fn disk_probe(dir: &Path, rate: f64, secs: f64) -> std::io::Result<Value> {
+    use std::os::unix::fs::FileExt as _;
+    let file = tempfile::tempfile_in(dir)?;
+    let size = 8u64 << 20;
+    let zeros = vec![0u8; 1 << 20];
+    for at in (0..size).step_by(zeros.len()) {
+        file.write_all_at(&zeros, at)?;
+    }
+    file.sync_all()?;
+    let record = vec![b'x'; PROBE_RECORD];
+    let every = Duration::from_secs_f64(1.0 / rate);
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    let (mut due, mut at, mut took) = (Instant::now(), 0u64, Vec::new());
+    while due < end {
+        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        let started = Instant::now();
+        file.write_all_at(&record, at)?;
+        file.sync_data()?;
+        took.push(micros(started.elapsed()));
+        at = (at + record.len() as u64) % (size - record.len() as u64);
+        due += every;
+    }
+    let mut out = distribution(took.clone());
+    out["count"] = json!(took.len());
+    Ok(out)
+}
+
 /// Error details and the gateway's warnings, if the report has any.
 fn problems(out: &mut String, report: &Value) {
     for name in ["direct", "gateway", "streams"] {
@@ -820,6 +858,10 @@ fn table(report: &Value, sections: &[(&str, &str)]) -> String {
             rows.push(("added", &a[what]));
         }
         percentile_rows(&mut out, title, &rows);
+    }
+    if let Some(disk) = report.get("disk") {
+        let title = "disk alone: write + fdatasync of one 700-byte record, same rate (ms)";
+        percentile_rows(&mut out, title, &[("disk", disk)]);
     }
     for name in ["direct", "gateway"] {
         if let Some(r) = report.get(name) {
@@ -1321,6 +1363,16 @@ async fn run_whole(a: &WholeArgs, spawned: &mut Spawned) -> Result<Value, Error>
         "concurrency": a.concurrency, "direct_stream": a.direct_stream});
     let mut report = run_latency(&load, &env, &targets, described, WHOLE_SECTIONS).await?;
     report["mode"] = "whole".into();
+    if a.disk_probe > 0.0 {
+        let dir = spawned
+            .data
+            .as_ref()
+            .map_or_else(|| PathBuf::from("."), |d| d.path().to_path_buf());
+        let (rate, secs) = (a.rate, a.disk_probe);
+        report["disk"] = tokio::task::spawn_blocking(move || disk_probe(&dir, rate, secs))
+            .await?
+            .map_err(|e| format!("disk probe: {e}"))?;
+    }
     add_gateway_problems(&mut report, &env, spawned);
     Ok(report)
 }
