@@ -965,6 +965,36 @@ async fn serve_logs_are_not_coloured_off_a_terminal() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_log_reader_that_stops_reading_does_not_stall_requests() {
+    let gw = GatewayProcess::start_with(Options {
+        stderr_unread: true,
+        extra_args: vec!["--ollama-max-inflight".into(), "16".into()],
+        ..Options::default()
+    })
+    .await;
+    let (_, secret) = gw.create_key("unread-logs", 100_000).await;
+    // Each served request logs a line of ~250 bytes: 600 of them are more than twice what a
+    // pipe holds (64 KiB), so a gateway that wrote its logs inline would block in `write`.
+    let secret: Arc<str> = secret.into();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (http, url, secret) = (gw.http.clone(), gw.url.clone(), secret.clone());
+        tasks.spawn(async move {
+            for _ in 0..75 {
+                let resp = chat_request(&http, &url, &secret, false)
+                    .await
+                    .expect("the request completes");
+                assert_eq!(resp.status(), 200);
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.expect("a client task");
+    }
+    assert_eq!(request_served(&gw.events().await).len(), 600);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn events_follow_prints_new_events_as_they_are_appended() {
     use tokio::io::{AsyncBufReadExt, BufReader};
 

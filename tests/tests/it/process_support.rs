@@ -103,6 +103,9 @@ pub struct Options {
     pub internal_secret: Option<String>,
     /// Extra `nself claw serve` flags.
     pub extra_args: Vec<String>,
+    /// Give the gateway's stderr a pipe that nobody reads (a stuck log collector) instead of
+    /// the log file; `log()` then has stdout only.
+    pub stderr_unread: bool,
 }
 
 impl Default for Options {
@@ -110,6 +113,7 @@ impl Default for Options {
         Options {
             internal_secret: Some(ADMIN_SECRET.into()),
             extra_args: Vec::new(),
+            stderr_unread: false,
         }
     }
 }
@@ -198,8 +202,13 @@ impl GatewayProcess {
                 .args(["--first-byte-timeout-ms", "5000"])
                 .args(&self.options.extra_args)
                 .stdin(Stdio::null())
-                .stdout(log.try_clone().expect("clone log file"))
-                .stderr(log);
+                .stdout(log.try_clone().expect("clone log file"));
+            if self.options.stderr_unread {
+                // The child keeps the read end open (`Child::stderr`) and nothing reads it.
+                cmd.stderr(Stdio::piped());
+            } else {
+                cmd.stderr(log);
+            }
             for var in SCRUBBED_ENV {
                 cmd.env_remove(var);
             }
