@@ -784,6 +784,34 @@ fn percentile_rows(out: &mut String, title: &str, rows: &[(&str, &Value)]) {
     out.push('\n');
 }
 
+/// The share of the gateway's requests whose durable record (`claw_outbox_record_seconds`:
+/// hand-off to the outbox thread, `write`, `fdatasync`, answer) took longer than each of a few
+/// bounds, from its `/metrics` (warmup included). `None` when the metric is not there.
+async fn durable_record_tail(url: &str) -> Option<Value> {
+    const BOUNDS: [&str; 4] = ["0.00025", "0.0005", "0.001", "0.0025"];
+    let text = reqwest::get(format!("{url}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let bucket = |le: &str| -> Option<f64> {
+        let prefix = format!("claw_outbox_record_seconds_bucket{{le=\"{le}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|n| n.trim().parse().ok())
+    };
+    let total = bucket("+Inf").filter(|t| *t > 0.0)?;
+    let mut out = serde_json::Map::new();
+    for le in BOUNDS {
+        let above = 100.0 * (total - bucket(le)?) / total;
+        let ms = le.parse::<f64>().ok()? * 1000.0;
+        out.insert(format!("over_{ms}_ms_percent"), json!(round3(above)));
+    }
+    out.insert("records".into(), json!(total));
+    Some(Value::Object(out))
+}
+
 /// Bytes of one probe record: about one request's `RequestServed` line in the outbox.
 const PROBE_RECORD: usize = 700;
 
@@ -858,6 +886,20 @@ fn table(report: &Value, sections: &[(&str, &str)]) -> String {
             rows.push(("added", &a[what]));
         }
         percentile_rows(&mut out, title, &rows);
+    }
+    if let Some(slow) = report["gateway_durable_record"].as_object() {
+        let shares: Vec<String> = slow
+            .iter()
+            .filter_map(|(k, v)| {
+                let ms = k.strip_prefix("over_")?.strip_suffix("_ms_percent")?;
+                Some(format!("> {ms} ms: {v} %"))
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "gateway's durable record of each request (outbox write + fdatasync, from /metrics): {}\n",
+            shares.join(", ")
+        );
     }
     if let Some(disk) = report.get("disk") {
         let title = "disk alone: write + fdatasync of one 700-byte record, same rate (ms)";
@@ -1363,6 +1405,11 @@ async fn run_whole(a: &WholeArgs, spawned: &mut Spawned) -> Result<Value, Error>
         "concurrency": a.concurrency, "direct_stream": a.direct_stream});
     let mut report = run_latency(&load, &env, &targets, described, WHOLE_SECTIONS).await?;
     report["mode"] = "whole".into();
+    if let Some(url) = &env.gateway_url {
+        if let Some(slow) = durable_record_tail(url).await {
+            report["gateway_durable_record"] = slow;
+        }
+    }
     if a.disk_probe > 0.0 {
         let dir = spawned
             .data
