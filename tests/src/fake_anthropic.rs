@@ -18,9 +18,7 @@
 //! Behaviour is adjustable at runtime through [`FakeAnthropic::set_behavior`], and every
 //! request to `/v1/messages` is recorded (headers and body) for assertions.
 
-use crate::fake_server::{
-    any_local_port, bind, pieces, streamed_body, to_u64, Bound, Script, Serving,
-};
+use crate::fake_server::{any_local_port, bind, pieces, streamed_body, to_u64, Script, Serving};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -152,12 +150,8 @@ impl FakeAnthropic {
                     "req_01FAKEFALLBACK",
                 )
             });
-        let Bound {
-            base_url,
-            addr,
-            shared,
-            server,
-        } = bind(addr, Shared::default(), routes).await?;
+        let (base_url, addr, shared, server) =
+            bind(addr, Shared::default(), routes).await?.into_parts();
         Ok(FakeAnthropic {
             base_url,
             addr,

@@ -17,7 +17,7 @@
 //! is recorded with the key it carried.
 
 use crate::fake_server::{
-    any_local_port, bind, embedding, fnv1a, pieces, streamed_body, to_u64, Bound, Script, Serving,
+    any_local_port, bind, embedding, fnv1a, pieces, streamed_body, to_u64, Script, Serving,
 };
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
@@ -141,12 +141,8 @@ impl FakeGemini {
         let routes = Router::new()
             .route("/v1beta/models", get(list_models))
             .route("/v1beta/models/{target}", get(get_model).post(model_method));
-        let Bound {
-            base_url,
-            addr,
-            shared,
-            server,
-        } = bind(addr, Shared::default(), routes).await?;
+        let (base_url, addr, shared, server) =
+            bind(addr, Shared::default(), routes).await?.into_parts();
         Ok(FakeGemini {
             base_url,
             addr,

@@ -15,7 +15,7 @@
 //! every chat/embed request body is recorded for assertions.
 
 use crate::fake_server::{
-    any_local_port, bind, embedding, fnv1a, pieces, streamed_body, to_u64, Bound, Script, Serving,
+    any_local_port, bind, embedding, fnv1a, pieces, streamed_body, to_u64, Script, Serving,
 };
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -136,12 +136,8 @@ impl FakeOllama {
             .route("/api/tags", get(tags))
             .route("/api/chat", post(chat))
             .route("/api/embed", post(embed));
-        let Bound {
-            base_url,
-            addr,
-            shared,
-            server,
-        } = bind(addr, Shared::default(), routes).await?;
+        let (base_url, addr, shared, server) =
+            bind(addr, Shared::default(), routes).await?.into_parts();
         Ok(FakeOllama {
             base_url,
             addr,

@@ -20,7 +20,7 @@
 //! embeddings request body is recorded for assertions.
 
 use crate::fake_server::{
-    self, any_local_port, bind, pieces, streamed_body, to_u64, Bound, Frames, Script, Serving,
+    self, any_local_port, bind, pieces, streamed_body, to_u64, Frames, Script, Serving,
 };
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -164,12 +164,7 @@ impl FakeOpenAi {
             .route("/v1/chat/completions", post(chat))
             .route("/v1/embeddings", post(embeddings))
             .route("/v1/models", get(models));
-        let Bound {
-            base_url,
-            addr,
-            shared,
-            server,
-        } = bind(addr, state, routes).await?;
+        let (base_url, addr, shared, server) = bind(addr, state, routes).await?.into_parts();
         Ok(FakeOpenAi {
             base_url: format!("{base_url}/v1"),
             addr,

@@ -22,13 +22,20 @@ pub fn any_local_port() -> SocketAddr {
 /// A fake's bound and running server, before the fake wraps it.
 pub struct Bound<S> {
     /// `http://127.0.0.1:PORT` (no trailing slash).
-    pub base_url: String,
+    base_url: String,
     /// The bound address (with the real port when asked for port 0).
-    pub addr: SocketAddr,
+    addr: SocketAddr,
     /// The state the routes share with the fake.
-    pub shared: Arc<S>,
+    shared: Arc<S>,
     /// Stops the server when dropped.
-    pub server: Serving,
+    server: Serving,
+}
+
+impl<S> Bound<S> {
+    /// The parts a fake keeps: base URL, address, shared state, server.
+    pub fn into_parts(self) -> (String, SocketAddr, Arc<S>, Serving) {
+        (self.base_url, self.addr, self.shared, self.server)
+    }
 }
 
 /// Binds `addr`, gives `routes` the state `shared`, and serves them on the current tokio
