@@ -28,7 +28,7 @@ use governor::{Quota, RateLimiter};
 use reqwest::header::HeaderValue;
 use serde_json::{json, Map, Value};
 
-use super::http::{error_message, Upstream};
+use super::http::{error_message, listed, Upstream};
 use super::{
     ChatEvent, ChatProvider, ChatRequest, ChatStream, Embeddings, FinishReason, Message,
     OutputFormat, ProviderError, Role, Usage,
@@ -852,14 +852,12 @@ impl ChatProvider for Gemini {
                 .header(GOOG_API_KEY, self.pool.key_header(index));
             let response = self.send(request).await.map_err(ProviderError::from)?;
             let body = self.http.json(response).await?;
-            names.extend(
-                body.get("models")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|m| m.get("name")?.as_str())
-                    .map(|n| n.strip_prefix("models/").unwrap_or(n).to_owned()),
-            );
+            names.extend(listed(&body, "models", "name").into_iter().map(|n| {
+                match n.strip_prefix("models/") {
+                    Some(short) => short.to_owned(),
+                    None => n,
+                }
+            }));
             page_token = body
                 .get("nextPageToken")
                 .and_then(Value::as_str)
