@@ -18,8 +18,8 @@
 //! when it overwrites blocks the log already has, and SQLite only goes back to the start of
 //! the log when a write begins with every frame copied into the database. So a second thread
 //! now and then ([`CHECKPOINT_EVERY`]) copies the bulk of the log into the database without
-//! stopping anyone (a passive checkpoint), and the writer, the next time it has nothing to do, copies the few frames
-//! committed since and so lets its next write start the log over.
+//! stopping anyone (a passive checkpoint), and the writer, the next time it has nothing to do,
+//! copies the few frames committed since and so lets its next write start the log over.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -840,8 +840,9 @@ fn disk_probe(dir: &Path, rate: f64, secs: f64) -> std::io::Result<Value> {
         at = (at + record.len() as u64) % (size - record.len() as u64);
         due += every;
     }
-    let mut out = distribution(took.clone());
-    out["count"] = json!(took.len());
+    let count = took.len();
+    let mut out = distribution(took);
+    out["count"] = json!(count);
     Ok(out)
 }
 
@@ -902,8 +903,10 @@ fn table(report: &Value, sections: &[(&str, &str)]) -> String {
         );
     }
     if let Some(disk) = report.get("disk") {
-        let title = "disk alone: write + fdatasync of one 700-byte record, same rate (ms)";
-        percentile_rows(&mut out, title, &[("disk", disk)]);
+        let title = format!(
+            "disk alone: write + fdatasync of one {PROBE_RECORD}-byte record, same rate (ms)"
+        );
+        percentile_rows(&mut out, &title, &[("disk", disk)]);
     }
     for name in ["direct", "gateway"] {
         if let Some(r) = report.get(name) {

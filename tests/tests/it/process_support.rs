@@ -204,7 +204,7 @@ impl GatewayProcess {
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().expect("clone log file"));
             if self.options.stderr_unread {
-                // The child keeps the read end open (`Child::stderr`) and nothing reads it.
+                // The read end stays open in `Child::stderr`, and nothing reads it.
                 cmd.stderr(Stdio::piped());
             } else {
                 cmd.stderr(log);
