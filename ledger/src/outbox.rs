@@ -13,13 +13,18 @@
 //! fixed-size header line with its generation, then one line per event,
 //! `<generation>\t<envelope JSON>\n`; reading stops at the first line that is incomplete, not
 //! JSON, or of another generation (the rest of an earlier use of the file).
+//!
+//! Two histograms say where a slow record spent its time: `claw_outbox_queue_seconds` (from
+//! hand-off until its group's `write` starts, i.e. waiting behind the sync before it) and
+//! `claw_outbox_sync_seconds` (each group's `write` + `fdatasync`). A disk that stalls shows in
+//! both: one long sync, and every record that arrived during it queued.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::os::unix::fs::FileExt as _;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -48,6 +53,7 @@ enum Job {
         events: Vec<Envelope>,
         lines: Vec<u8>,
         done: oneshot::Sender<Result<(), LedgerError>>,
+        handed_off: Instant,
     },
     /// Answers with the sequence number of the last record accepted so far.
     Barrier(oneshot::Sender<u64>),
@@ -132,6 +138,7 @@ impl Outbox {
                 events,
                 lines,
                 done,
+                handed_off: Instant::now(),
             })
             .await
             .map_err(|_| LedgerError::Closed)?;
@@ -292,13 +299,16 @@ impl FileWriter {
             let tag = self.generation.to_string();
             let mut buf = Vec::new();
             let mut records = Vec::new();
+            let mut handed_off = Vec::new();
             for job in round.drain(..) {
                 match job {
                     Job::Record {
                         events,
                         lines,
                         done,
+                        handed_off: at,
                     } => {
+                        handed_off.push(at);
                         for line in lines.split_inclusive(|b| *b == b'\n') {
                             buf.extend_from_slice(tag.as_bytes());
                             buf.extend_from_slice(line);
@@ -314,9 +324,15 @@ impl FileWriter {
                 continue;
             }
             let file = &self.segments[self.current].0;
+            let started = Instant::now();
+            for at in handed_off {
+                metrics::histogram!("claw_outbox_queue_seconds")
+                    .record(started.duration_since(at).as_secs_f64());
+            }
             let written = file
                 .write_all_at(&buf, self.end)
                 .and_then(|()| file.sync_data());
+            metrics::histogram!("claw_outbox_sync_seconds").record(started.elapsed().as_secs_f64());
             match written {
                 Ok(()) => {
                     self.end += buf.len() as u64;

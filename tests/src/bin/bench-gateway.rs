@@ -784,9 +784,27 @@ fn percentile_rows(out: &mut String, title: &str, rows: &[(&str, &Value)]) {
     out.push('\n');
 }
 
-/// The share of the gateway's requests whose durable record (`claw_outbox_record_seconds`:
-/// hand-off to the outbox thread, `write`, `fdatasync`, answer) took longer than each of a few
-/// bounds, from its `/metrics` (warmup included). `None` when the metric is not there.
+/// The gateway's histograms of its durable record, as (report key, metric, what it measures).
+const DURABLE_RECORD: [(&str, &str, &str); 3] = [
+    (
+        "record",
+        "claw_outbox_record_seconds",
+        "each request's whole wait",
+    ),
+    (
+        "queue",
+        "claw_outbox_queue_seconds",
+        "queued behind the sync before",
+    ),
+    (
+        "sync",
+        "claw_outbox_sync_seconds",
+        "each group's write + fdatasync",
+    ),
+];
+
+/// For each of the gateway's [`DURABLE_RECORD`] histograms, the share of samples over each of a
+/// few bounds, from its `/metrics` (warmup included). `None` when the metrics are not there.
 async fn durable_record_tail(url: &str) -> Option<Value> {
     const BOUNDS: [&str; 4] = ["0.00025", "0.0005", "0.001", "0.0025"];
     let text = reqwest::get(format!("{url}/metrics"))
@@ -795,21 +813,27 @@ async fn durable_record_tail(url: &str) -> Option<Value> {
         .text()
         .await
         .ok()?;
-    let bucket = |le: &str| -> Option<f64> {
-        let prefix = format!("claw_outbox_record_seconds_bucket{{le=\"{le}\"}} ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(prefix.as_str()))
-            .and_then(|n| n.trim().parse().ok())
-    };
-    let total = bucket("+Inf").filter(|t| *t > 0.0)?;
-    let mut out = serde_json::Map::new();
-    for le in BOUNDS {
-        let above = 100.0 * (total - bucket(le)?) / total;
-        let ms = le.parse::<f64>().ok()? * 1000.0;
-        out.insert(format!("over_{ms}_ms_percent"), json!(round3(above)));
+    let mut report = serde_json::Map::new();
+    for (key, metric, _) in DURABLE_RECORD {
+        let bucket = |le: &str| -> Option<f64> {
+            let prefix = format!("{metric}_bucket{{le=\"{le}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(prefix.as_str()))
+                .and_then(|n| n.trim().parse().ok())
+        };
+        let Some(total) = bucket("+Inf").filter(|t| *t > 0.0) else {
+            continue;
+        };
+        let mut out = serde_json::Map::new();
+        for le in BOUNDS {
+            let above = 100.0 * (total - bucket(le)?) / total;
+            let ms = le.parse::<f64>().ok()? * 1000.0;
+            out.insert(format!("over_{ms}_ms_percent"), json!(round3(above)));
+        }
+        out.insert("samples".into(), json!(total));
+        report.insert(key.into(), Value::Object(out));
     }
-    out.insert("records".into(), json!(total));
-    Some(Value::Object(out))
+    (!report.is_empty()).then_some(Value::Object(report))
 }
 
 /// Bytes of one probe record: about one request's `RequestServed` line in the outbox.
@@ -817,7 +841,9 @@ const PROBE_RECORD: usize = 700;
 
 /// Writes and `fdatasync`s one [`PROBE_RECORD`] at a time into a preallocated file in `dir`,
 /// `rate` times a second for `secs` seconds, as the gateway's outbox does for each request;
-/// returns the distribution of the time each write + sync took.
+/// returns the distribution of the time each write + sync took (`sync`) and of the time from
+/// when it was due to its end (`due`: a record due during a slow sync waits for it, as a
+/// request does).
 fn disk_probe(dir: &Path, rate: f64, secs: f64) -> std::io::Result<Value> {
     use std::os::unix::fs::FileExt as _;
     let file = tempfile::tempfile_in(dir)?;
@@ -830,20 +856,20 @@ fn disk_probe(dir: &Path, rate: f64, secs: f64) -> std::io::Result<Value> {
     let record = vec![b'x'; PROBE_RECORD];
     let every = Duration::from_secs_f64(1.0 / rate);
     let end = Instant::now() + Duration::from_secs_f64(secs);
-    let (mut due, mut at, mut took) = (Instant::now(), 0u64, Vec::new());
+    let (mut due, mut at) = (Instant::now(), 0u64);
+    let (mut took, mut from_due) = (Vec::new(), Vec::new());
     while due < end {
         std::thread::sleep(due.saturating_duration_since(Instant::now()));
         let started = Instant::now();
         file.write_all_at(&record, at)?;
         file.sync_data()?;
         took.push(micros(started.elapsed()));
+        from_due.push(micros(due.elapsed()));
         at = (at + record.len() as u64) % (size - record.len() as u64);
         due += every;
     }
     let count = took.len();
-    let mut out = distribution(took);
-    out["count"] = json!(count);
-    Ok(out)
+    Ok(json!({"count": count, "sync": distribution(took), "due": distribution(from_due)}))
 }
 
 /// Error details and the gateway's warnings, if the report has any.
@@ -889,24 +915,38 @@ fn table(report: &Value, sections: &[(&str, &str)]) -> String {
         percentile_rows(&mut out, title, &rows);
     }
     if let Some(slow) = report["gateway_durable_record"].as_object() {
-        let shares: Vec<String> = slow
-            .iter()
-            .filter_map(|(k, v)| {
-                let ms = k.strip_prefix("over_")?.strip_suffix("_ms_percent")?;
-                Some(format!("> {ms} ms: {v} %"))
-            })
-            .collect();
         let _ = writeln!(
             out,
-            "gateway's durable record of each request (outbox write + fdatasync, from /metrics): {}\n",
-            shares.join(", ")
+            "gateway's durable record (outbox, from its /metrics): share of samples over"
         );
+        let _ = writeln!(
+            out,
+            "{:34}{:>10}{:>10}{:>10}{:>10}",
+            "", "0.25 ms", "0.5 ms", "1 ms", "2.5 ms"
+        );
+        for (key, _, what) in DURABLE_RECORD {
+            let Some(shares) = slow.get(key).and_then(Value::as_object) else {
+                continue;
+            };
+            let _ = write!(out, "  {what:32}");
+            for (name, share) in shares {
+                if name.starts_with("over_") {
+                    let _ = write!(out, "{:>9}%", share.to_string());
+                }
+            }
+            out.push('\n');
+        }
+        out.push('\n');
     }
     if let Some(disk) = report.get("disk") {
         let title = format!(
             "disk alone: write + fdatasync of one {PROBE_RECORD}-byte record, same rate (ms)"
         );
-        percentile_rows(&mut out, &title, &[("disk", disk)]);
+        percentile_rows(
+            &mut out,
+            &title,
+            &[("from due", &disk["due"]), ("each sync", &disk["sync"])],
+        );
     }
     for name in ["direct", "gateway"] {
         if let Some(r) = report.get(name) {
