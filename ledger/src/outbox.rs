@@ -15,7 +15,7 @@
 //! JSON, or of another generation (the rest of an earlier use of the file).
 //!
 //! Two histograms say where a slow record spent its time: `claw_outbox_queue_seconds` (from
-//! hand-off until its group's `write` starts, i.e. waiting behind the sync before it) and
+//! hand-off until the outbox thread takes it up, i.e. waiting behind the sync before it) and
 //! `claw_outbox_sync_seconds` (each group's `write` + `fdatasync`). A disk that stalls shows in
 //! both: one long sync, and every record that arrived during it queued.
 
@@ -299,16 +299,17 @@ impl FileWriter {
             let tag = self.generation.to_string();
             let mut buf = Vec::new();
             let mut records = Vec::new();
-            let mut handed_off = Vec::new();
+            let taken_up = Instant::now();
             for job in round.drain(..) {
                 match job {
                     Job::Record {
                         events,
                         lines,
                         done,
-                        handed_off: at,
+                        handed_off,
                     } => {
-                        handed_off.push(at);
+                        metrics::histogram!("claw_outbox_queue_seconds")
+                            .record(taken_up.duration_since(handed_off).as_secs_f64());
                         for line in lines.split_inclusive(|b| *b == b'\n') {
                             buf.extend_from_slice(tag.as_bytes());
                             buf.extend_from_slice(line);
@@ -325,10 +326,6 @@ impl FileWriter {
             }
             let file = &self.segments[self.current].0;
             let started = Instant::now();
-            for at in handed_off {
-                metrics::histogram!("claw_outbox_queue_seconds")
-                    .record(started.duration_since(at).as_secs_f64());
-            }
             let written = file
                 .write_all_at(&buf, self.end)
                 .and_then(|()| file.sync_data());
