@@ -1,5 +1,5 @@
 //! Shared test support: fake upstream providers that speak each provider's real wire format,
-//! an in-process gateway harness, and OpenAI schema validation.
+//! an in-process gateway harness, OpenAI schema validation, and reading `/metrics`.
 
 pub mod fake_anthropic;
 pub mod fake_gemini;
@@ -8,3 +8,4 @@ pub mod fake_openai;
 pub mod fake_server;
 pub mod gateway;
 pub mod openai_schema;
+pub mod prometheus;

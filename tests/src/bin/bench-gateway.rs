@@ -41,6 +41,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use claw_tests::prometheus;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -803,10 +804,24 @@ const DURABLE_RECORD: [(&str, &str, &str); 3] = [
     ),
 ];
 
-/// For each of the gateway's [`DURABLE_RECORD`] histograms, the share of samples over each of a
-/// few bounds, from its `/metrics` (warmup included). `None` when the metrics are not there.
+/// The bounds [`durable_record_tail`] reports shares over: the histogram bucket (`le`, in
+/// seconds) and the same in milliseconds, as printed.
+const TAIL_BOUNDS: [(&str, &str); 4] = [
+    ("0.00025", "0.25"),
+    ("0.0005", "0.5"),
+    ("0.001", "1"),
+    ("0.0025", "2.5"),
+];
+
+/// The report key of the share over `ms` milliseconds.
+fn over_key(ms: &str) -> String {
+    format!("over_{ms}_ms_percent")
+}
+
+/// For each of the gateway's [`DURABLE_RECORD`] histograms, the share of samples over each of
+/// the [`TAIL_BOUNDS`], from its `/metrics` (warmup included). `None` when the metrics are not
+/// there.
 async fn durable_record_tail(url: &str) -> Option<Value> {
-    const BOUNDS: [&str; 4] = ["0.00025", "0.0005", "0.001", "0.0025"];
     let text = reqwest::get(format!("{url}/metrics"))
         .await
         .ok()?
@@ -815,20 +830,15 @@ async fn durable_record_tail(url: &str) -> Option<Value> {
         .ok()?;
     let mut report = serde_json::Map::new();
     for (key, metric, _) in DURABLE_RECORD {
-        let bucket = |le: &str| -> Option<f64> {
-            let prefix = format!("{metric}_bucket{{le=\"{le}\"}} ");
-            text.lines()
-                .find_map(|l| l.strip_prefix(prefix.as_str()))
-                .and_then(|n| n.trim().parse().ok())
-        };
+        let bucket =
+            |le: &str| prometheus::sample(&text, &format!("{metric}_bucket{{le=\"{le}\"}}"));
         let Some(total) = bucket("+Inf").filter(|t| *t > 0.0) else {
             continue;
         };
         let mut out = serde_json::Map::new();
-        for le in BOUNDS {
+        for (le, ms) in TAIL_BOUNDS {
             let above = 100.0 * (total - bucket(le)?) / total;
-            let ms = le.parse::<f64>().ok()? * 1000.0;
-            out.insert(format!("over_{ms}_ms_percent"), json!(round3(above)));
+            out.insert(over_key(ms), json!(round3(above)));
         }
         out.insert("samples".into(), json!(total));
         report.insert(key.into(), Value::Object(out));
@@ -919,20 +929,18 @@ fn table(report: &Value, sections: &[(&str, &str)]) -> String {
             out,
             "gateway's durable record (outbox, from its /metrics): share of samples over"
         );
-        let _ = writeln!(
-            out,
-            "{:34}{:>10}{:>10}{:>10}{:>10}",
-            "", "0.25 ms", "0.5 ms", "1 ms", "2.5 ms"
-        );
+        let _ = write!(out, "{:34}", "");
+        for (_, ms) in TAIL_BOUNDS {
+            let _ = write!(out, "{:>10}", format!("{ms} ms"));
+        }
+        out.push('\n');
         for (key, _, what) in DURABLE_RECORD {
-            let Some(shares) = slow.get(key).and_then(Value::as_object) else {
+            let Some(shares) = slow.get(key) else {
                 continue;
             };
             let _ = write!(out, "  {what:32}");
-            for (name, share) in shares {
-                if name.starts_with("over_") {
-                    let _ = write!(out, "{:>9}%", share.to_string());
-                }
+            for (_, ms) in TAIL_BOUNDS {
+                let _ = write!(out, "{:>9}%", shares[over_key(ms)].to_string());
             }
             out.push('\n');
         }

@@ -243,19 +243,15 @@ async fn probes_need_no_auth_and_show_no_secrets() {
         .unwrap();
     assert!(metrics.contains("claw_requests_total"), "{metrics}");
     // Where a durable record spent its time: queued behind a sync, then its group's sync.
-    let count = |name: &str| -> u64 {
-        let prefix = format!("{name}_count ");
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(prefix.as_str()))
-            .and_then(|n| n.trim().parse().ok())
+    let count = |name: &str| -> f64 {
+        claw_tests::prometheus::sample(&metrics, &format!("{name}_count"))
             .unwrap_or_else(|| panic!("{name} missing: {metrics}"))
     };
     let (queued, synced) = (
         count("claw_outbox_queue_seconds"),
         count("claw_outbox_sync_seconds"),
     );
-    assert!(queued >= 1 && synced >= 1, "{metrics}");
+    assert!(queued >= 1.0 && synced >= 1.0, "{metrics}");
     assert!(
         synced <= queued,
         "a sync covers one or more records: {metrics}"
