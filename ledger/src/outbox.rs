@@ -300,6 +300,7 @@ impl FileWriter {
             let mut buf = Vec::new();
             let mut records = Vec::new();
             let taken_up = Instant::now();
+            let queued = metrics::histogram!("claw_outbox_queue_seconds");
             for job in round.drain(..) {
                 match job {
                     Job::Record {
@@ -308,8 +309,7 @@ impl FileWriter {
                         done,
                         handed_off,
                     } => {
-                        metrics::histogram!("claw_outbox_queue_seconds")
-                            .record(taken_up.duration_since(handed_off).as_secs_f64());
+                        queued.record(taken_up.duration_since(handed_off).as_secs_f64());
                         for line in lines.split_inclusive(|b| *b == b'\n') {
                             buf.extend_from_slice(tag.as_bytes());
                             buf.extend_from_slice(line);
