@@ -11,13 +11,14 @@ use axum::http::HeaderValue;
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{delete, get, post};
-use claw_ledger::{Endpoint, EventLog, Outbox, SqliteLedger};
+use claw_ledger::{Endpoint, EventLog, Outbox, SqliteLedger, Tier};
 use claw_projector::{Projector, ProjectorHandle, ReadModels};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use rand::distr::{Alphanumeric, SampleString};
 use tower_http::trace::TraceLayer;
 
 use crate::accounting::RequestRecord;
+use crate::capacity::Capacity;
 use crate::config::ServeArgs;
 use crate::error::ApiError;
 use crate::exchange::ExchangeDeps;
@@ -253,7 +254,11 @@ fn tiers(settings: &ServeArgs, timeouts: crate::config::Timeouts) -> Result<Rout
         openai,
         anthropic,
         models,
-        settings.ollama_max_inflight.0,
+        Capacity::new(
+            Tier::Local,
+            settings.ollama_max_inflight.0,
+            settings.queue_policy(),
+        ),
     ))
 }
 
@@ -340,6 +345,10 @@ pub fn routes(state: Arc<AppState>) -> axum::Router {
         .route("/metrics", get(routes::health::metrics))
         .fallback(|| async { ApiError::not_found("Unknown route. The OpenAI API is under /v1.") })
         .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(
+            limit,
+            crate::unread_body::drain_unread_body,
+        ))
         .layer(middleware::from_fn(request_id))
         .layer(TraceLayer::new_for_http())
         .with_state(state)

@@ -52,6 +52,7 @@ impl FromRequestParts<Arc<AppState>> for GatewayKey {
                 tracing::error!(error = %err, "key lookup failed");
                 return Err(ApiError::no_tier_available(
                     "The gateway cannot check keys right now; retry shortly.",
+                    1,
                 ));
             }
         };

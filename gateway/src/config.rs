@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use clap::Args;
 
+use crate::capacity::QueuePolicy;
+
 /// How many chat requests the local tier runs at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LocalCapacity(pub usize);
@@ -68,10 +70,18 @@ pub struct ServeArgs {
     #[arg(long, env = "OLLAMA_EMBED_MODEL", default_value = "nomic-embed-text")]
     pub ollama_embed_model: String,
 
-    /// Chat requests the local tier runs at once; `auto` requests spill to the next tier past
-    /// it instead of queueing.
+    /// Requests the local tier runs at once. Past it, `auto` spills to the next tier that can
+    /// serve; when none can, requests wait in line for a free slot.
     #[arg(long, env = "OLLAMA_MAX_INFLIGHT", default_value = "4")]
     pub ollama_max_inflight: LocalCapacity,
+
+    /// Longest a request waits in line for a full tier's capacity before 503, in milliseconds.
+    #[arg(long, env = "CLAW_QUEUE_TIMEOUT_MS", default_value_t = 60_000)]
+    pub queue_timeout_ms: u64,
+
+    /// Most requests waiting in line for a full tier; the next one gets 503 at once.
+    #[arg(long, env = "CLAW_MAX_QUEUE", default_value_t = 1024)]
+    pub max_queue: usize,
 
     /// Free Gemini accounts (comma-separated API keys); set → the `free_gemini` tier is on.
     #[arg(
@@ -178,6 +188,14 @@ impl ServeArgs {
             connect: Duration::from_millis(self.connect_timeout_ms),
             first_byte: Duration::from_millis(self.first_byte_timeout_ms),
             total: Duration::from_millis(self.total_timeout_ms),
+        }
+    }
+
+    /// How long, and how many, requests may wait for a full tier.
+    pub fn queue_policy(&self) -> QueuePolicy {
+        QueuePolicy {
+            timeout: Duration::from_millis(self.queue_timeout_ms),
+            max_waiting: self.max_queue,
         }
     }
 

@@ -151,13 +151,27 @@ impl ApiError {
         )
     }
 
-    /// 503: no tier could take the request.
-    pub fn no_tier_available(message: impl Into<String>) -> Self {
+    /// 503: no tier could take the request; a retry may succeed after `retry_after_secs`
+    /// (the expected queue wait, or the soonest circuit probe).
+    pub fn no_tier_available(message: impl Into<String>, retry_after_secs: u64) -> Self {
+        Self {
+            retry_after: Some(retry_after_secs.max(1)),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "api_error",
+                "no_tier_available",
+                message,
+            )
+        }
+    }
+
+    /// 499 (never seen by anyone): the client hung up before it was served; recorded as such.
+    pub fn client_closed() -> Self {
         Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
+            StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
             "api_error",
-            "no_tier_available",
-            message,
+            "client_closed_request",
+            "The client closed the connection before the request was served.",
         )
     }
 
@@ -206,7 +220,11 @@ impl IntoResponse for ApiError {
             self.to_json(),
         )
             .into_response();
-        if let Some(secs) = self.retry_after {
+        // Every 503 says when to come back, so the SDKs' built-in retries back off sensibly.
+        let retry_after = self
+            .retry_after
+            .or((self.status == StatusCode::SERVICE_UNAVAILABLE).then_some(1));
+        if let Some(secs) = retry_after {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));

@@ -1,5 +1,5 @@
 //! Running a routed request: try the plan's attempts in order (falling through only before
-//! anything reached the client), then either collect the whole answer or relay it as OpenAI
+//! anything reached the client, queueing for a full tier when nothing after it serves), then either collect the whole answer or relay it as OpenAI
 //! SSE chunks, and account for it. The work runs in its own task, so a client that hangs up
 //! cannot cancel the accounting.
 
@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 use claw_ledger::{FallbackReason, Outbox, Provider};
 use futures::future::BoxFuture;
 use futures::StreamExt;
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::accounting::{settle_tokens, Outcome, RequestRecord};
+use crate::capacity::{Capacity, QueueRefusal, Slot};
 use crate::error::ApiError;
 use crate::openai::encode::{self, ChunkBody, CompletionIds, TokenUsage};
 use crate::pricing::PriceTable;
@@ -42,14 +43,73 @@ pub struct ExchangeDeps {
 struct Won<T> {
     attempt: Attempt,
     value: T,
-    _permit: Option<OwnedSemaphorePermit>,
+    _slot: Option<Slot>,
 }
 
-/// Tries `plan` in order with `call`, recording fall-throughs. Returns the first success, or
-/// the error to give the client (the last attempted provider comes with it for accounting).
+/// Calls one admitted attempt and tells its circuit how it went.
+async fn call_attempt<T, F, Fut>(
+    attempt: &Attempt,
+    slot: Option<Slot>,
+    call: &mut F,
+) -> Result<Won<T>, ProviderError>
+where
+    F: FnMut(Attempt) -> Fut,
+    Fut: Future<Output = Result<T, ProviderError>>,
+{
+    let result = call(attempt.clone()).await;
+    match &result {
+        Err(err) if err.signals_down() => attempt.backend.circuit.failed(),
+        _ => attempt.backend.circuit.succeeded(),
+    }
+    result.map(|value| Won {
+        attempt: attempt.clone(),
+        value,
+        _slot: slot,
+    })
+}
+
+/// The client's error for a queue that gave no slot.
+fn queue_refused(attempt: &Attempt, refusal: QueueRefusal) -> (ApiError, String) {
+    let provider = attempt.provider().as_str();
+    let (message, retry_after) = match refusal {
+        QueueRefusal::ClientGone => {
+            return (
+                ApiError::client_closed(),
+                "the client left while queued".into(),
+            )
+        }
+        QueueRefusal::Full { retry_after } => (
+            format!("{provider} is at capacity and its queue is full (CLAW_MAX_QUEUE)"),
+            retry_after,
+        ),
+        QueueRefusal::TimedOut {
+            waited,
+            retry_after,
+        } => (
+            format!(
+                "{provider} stayed at capacity for the {} ms the request waited (CLAW_QUEUE_TIMEOUT_MS)",
+                waited.as_millis()
+            ),
+            retry_after,
+        ),
+    };
+    (
+        ApiError::no_tier_available(
+            format!("No tier could serve the request: {message}."),
+            retry_after.as_secs(),
+        ),
+        message,
+    )
+}
+
+/// Tries `plan` in order with `call`, recording fall-throughs. A full tier is skipped; when
+/// nothing after it serves, the request queues for it (until `client_gone`, the queue's timeout,
+/// or a full queue). Returns the first success, or the error to give the client (the last
+/// attempted provider comes with it for accounting).
 async fn run_plan<T, F, Fut>(
     plan: &TierPlan,
     record: &mut RequestRecord,
+    client_gone: impl Future<Output = ()>,
     mut call: F,
 ) -> Result<Won<T>, (ApiError, Option<Attempt>)>
 where
@@ -58,44 +118,56 @@ where
 {
     let mut failures: Vec<String> = Vec::new();
     let mut last: Option<(Attempt, ProviderError)> = None;
+    // The first tier skipped for being full: queued for if nothing after it serves.
+    let mut full: Option<(&Attempt, Arc<Capacity>)> = None;
+    // The soonest a known-down provider will be probed again.
+    let mut next_probe: Option<Duration> = None;
+    let mut settled = false;
     for (i, attempt) in plan.attempts.iter().enumerate() {
-        let next_tier = plan.attempts.get(i + 1).map(Attempt::tier);
         let provider = attempt.provider();
-        let permit = match attempt.admit(plan.forced).await {
-            Ok(permit) => permit,
-            Err(skip) => {
-                let (reason, detail) = match skip {
-                    Skip::Full => (
+        // Past the plan's end, the request goes back to queue for the full tier.
+        let next_tier = plan
+            .attempts
+            .get(i + 1)
+            .or(full.as_ref().map(|(a, _)| *a))
+            .map(Attempt::tier);
+        let slot = match attempt.admit(plan.forced) {
+            Ok(slot) => slot,
+            Err(Skip::Full(capacity)) => {
+                let detail = format!("{} is at capacity", provider.as_str());
+                // A spill to a later tier is a fall-through; a full last tier is only one if
+                // its queue refuses the request too.
+                if !plan.forced && i + 1 < plan.attempts.len() {
+                    record.fall_through(
+                        provider,
+                        next_tier,
                         FallbackReason::Capacity,
-                        format!("{} is at capacity", provider.as_str()),
-                    ),
-                    Skip::Down(retry) => (
-                        FallbackReason::Unavailable,
-                        format!(
-                            "{} is marked down after repeated failures; next probe in {} s",
-                            provider.as_str(),
-                            retry.as_secs().max(1)
-                        ),
-                    ),
-                };
-                record.fall_through(provider, next_tier, reason, detail.clone());
+                        detail.clone(),
+                    );
+                }
+                full = full.or(Some((attempt, capacity)));
+                failures.push(detail);
+                continue;
+            }
+            Err(Skip::Down(retry)) => {
+                let detail = format!(
+                    "{} is marked down after repeated failures; next probe in {} s",
+                    provider.as_str(),
+                    retry.as_secs().max(1)
+                );
+                next_probe = Some(next_probe.map_or(retry, |p| p.min(retry)));
+                record.fall_through(
+                    provider,
+                    next_tier,
+                    FallbackReason::Unavailable,
+                    detail.clone(),
+                );
                 failures.push(detail);
                 continue;
             }
         };
-        let result = call(attempt.clone()).await;
-        match &result {
-            Err(err) if err.signals_down() => attempt.backend.circuit.failed(),
-            _ => attempt.backend.circuit.succeeded(),
-        }
-        match result {
-            Ok(value) => {
-                return Ok(Won {
-                    attempt: attempt.clone(),
-                    value,
-                    _permit: permit,
-                })
-            }
+        match call_attempt(attempt, slot, &mut call).await {
+            Ok(won) => return Ok(won),
             Err(err) => {
                 failures.push(err.to_string());
                 let falls_through = err.falls_through();
@@ -109,11 +181,44 @@ where
                 }
                 last = Some((attempt.clone(), err));
                 if plan.forced || !falls_through {
+                    settled = true;
                     break;
                 }
             }
         }
     }
+    if let (Some((queued, capacity)), false) = (full, settled) {
+        let provider = queued.provider();
+        match capacity.wait(client_gone).await {
+            Ok(slot) => match call_attempt(queued, Some(slot), &mut call).await {
+                Ok(won) => return Ok(won),
+                Err(err) => {
+                    failures.push(err.to_string());
+                    if !plan.forced && err.falls_through() {
+                        record.fall_through(provider, None, err.fallback_reason(), err.to_string());
+                    }
+                    last = Some((queued.clone(), err));
+                }
+            },
+            Err(refusal) => {
+                let (error, detail) = queue_refused(queued, refusal);
+                if !plan.forced && refusal != QueueRefusal::ClientGone {
+                    record.fall_through(provider, None, FallbackReason::Capacity, detail);
+                }
+                return Err((error, Some(queued.clone())));
+            }
+        }
+    }
+    Err(plan_failed(plan, last, &failures, next_probe))
+}
+
+/// The error for a plan that no attempt served, with the last attempted provider.
+fn plan_failed(
+    plan: &TierPlan,
+    last: Option<(Attempt, ProviderError)>,
+    failures: &[String],
+    next_probe: Option<Duration>,
+) -> (ApiError, Option<Attempt>) {
     let attempted = last
         .as_ref()
         .map(|(a, _)| a.clone())
@@ -133,12 +238,12 @@ where
         Some((_, err)) if plan.forced || !err.falls_through() => {
             ApiError::upstream(err.to_string())
         }
-        _ => ApiError::no_tier_available(format!(
-            "No tier could serve the request: {}.",
-            failures.join("; ")
-        )),
+        _ => ApiError::no_tier_available(
+            format!("No tier could serve the request: {}.", failures.join("; ")),
+            next_probe.map_or(1, |p| p.as_secs().max(1)),
+        ),
     };
-    Err((error, attempted))
+    (error, attempted)
 }
 
 /// Accounts for a request that no attempt served, and returns its error.
@@ -244,14 +349,14 @@ fn detach<T, W>(work: W) -> oneshot::Receiver<Result<T, ApiError>>
 where
     T: Send + 'static,
     W: for<'a> FnOnce(
-            &'a oneshot::Sender<Result<T, ApiError>>,
+            &'a mut oneshot::Sender<Result<T, ApiError>>,
         ) -> BoxFuture<'a, Result<T, ApiError>>
         + Send
         + 'static,
 {
-    let (tx, rx) = oneshot::channel();
+    let (mut tx, rx) = oneshot::channel();
     tokio::spawn(async move {
-        let answer = work(&tx).await;
+        let answer = work(&mut tx).await;
         let _ = tx.send(answer);
     });
     rx
@@ -306,7 +411,7 @@ impl ChatJob {
 
     async fn whole(
         self,
-        client: &oneshot::Sender<Result<WholeReply, ApiError>>,
+        client: &mut oneshot::Sender<Result<WholeReply, ApiError>>,
     ) -> Result<WholeReply, ApiError> {
         let ChatJob {
             deps,
@@ -319,7 +424,7 @@ impl ChatJob {
         let (idle, started) = (deps.idle_timeout, record.started);
         let (messages, params) = (&messages, &params);
         // Nothing reaches the client before the answer is complete, so any failure falls through.
-        let won = run_plan(&plan, &mut record, |attempt| async move {
+        let won = run_plan(&plan, &mut record, client.closed(), |attempt| async move {
             let mut stream = attempt
                 .backend
                 .provider
@@ -374,7 +479,7 @@ impl ChatJob {
         rx
     }
 
-    async fn stream(self, start: oneshot::Sender<Result<StreamReply, ApiError>>) {
+    async fn stream(self, mut start: oneshot::Sender<Result<StreamReply, ApiError>>) {
         let ChatJob {
             deps,
             mut record,
@@ -387,7 +492,7 @@ impl ChatJob {
         let (messages_ref, params_ref) = (&messages, &params);
         // The attempt succeeds once the upstream produced its first event: until then nothing
         // has reached the client and the next tier may still take over.
-        let won = run_plan(&plan, &mut record, |attempt| async move {
+        let won = run_plan(&plan, &mut record, start.closed(), |attempt| async move {
             let mut stream = attempt
                 .backend
                 .provider
@@ -531,7 +636,7 @@ impl EmbedJob {
 
     async fn run(
         self,
-        client: &oneshot::Sender<Result<EmbedReply, ApiError>>,
+        client: &mut oneshot::Sender<Result<EmbedReply, ApiError>>,
     ) -> Result<EmbedReply, ApiError> {
         let EmbedJob {
             deps,
@@ -540,7 +645,7 @@ impl EmbedJob {
             inputs,
         } = self;
         let inputs_ref = &inputs;
-        let won = run_plan(&plan, &mut record, |attempt| async move {
+        let won = run_plan(&plan, &mut record, client.closed(), |attempt| async move {
             attempt
                 .backend
                 .provider

@@ -5,6 +5,7 @@
 pub mod accounting;
 pub mod app;
 pub mod auth;
+pub mod capacity;
 pub mod circuit;
 pub mod config;
 pub mod error;
@@ -15,6 +16,7 @@ pub mod pricing;
 pub mod providers;
 pub mod router;
 pub mod routes;
+pub mod unread_body;
 
 pub use app::{open, routes as http_routes, serve, serve_on, AppState, StartError};
 pub use config::ServeArgs;

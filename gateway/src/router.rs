@@ -3,7 +3,8 @@
 //! local tier's capacity, and the models the upstreams report.
 //!
 //! - `auto`: local → free_gemini → api_key (OpenAI, then Anthropic), skipping what is not
-//!   configured; down or full tiers are skipped when the plan runs.
+//!   configured; down or full tiers are skipped when the plan runs, and a full tier is queued
+//!   for when nothing after it could serve.
 //! - `local`, or a model Ollama lists: Ollama only. `gemini-*`: the Gemini accounts only.
 //!   `gpt-*`/`o<digit>…`: OpenAI. `claude-*`: Anthropic (`claude-3-5-sonnet` = `ANTHROPIC_MODEL`).
 //! - Embeddings: Ollama's embedding model, then OpenAI's when a key is set.
@@ -13,8 +14,8 @@ use std::time::Duration;
 
 use claw_ledger::{Provider, Tier};
 use serde::Serialize;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::capacity::{Capacity, Load, Slot};
 use crate::circuit::{Admission, Circuit};
 use crate::error::ApiError;
 use crate::providers::ChatProvider;
@@ -51,16 +52,16 @@ impl Backend {
 pub struct Attempt {
     pub backend: Backend,
     pub model: String,
-    /// In-flight limit of the tier, if it has one.
-    pub capacity: Option<Arc<Semaphore>>,
+    /// In-flight limit and queue of the tier, if it has one.
+    pub capacity: Option<Arc<Capacity>>,
 }
 
 /// Why an attempt was skipped without calling the provider.
 pub enum Skip {
     /// The circuit is open: the provider is known down.
     Down(Duration),
-    /// The tier is at capacity.
-    Full,
+    /// The tier is at capacity (its queue comes with it).
+    Full(Arc<Capacity>),
 }
 
 impl Attempt {
@@ -72,30 +73,22 @@ impl Attempt {
         self.provider().tier()
     }
 
-    /// Admits the attempt: a known-down provider is skipped unless it was asked for by name
-    /// (`forced`); a full tier is waited for when forced, otherwise skipped so `auto` spills.
-    /// Capacity is taken first, so a half-open circuit's probe is only handed out to an
+    /// Admits the attempt without waiting: a known-down provider is skipped unless it was asked
+    /// for by name (`forced`); a full tier is skipped (the plan may come back and queue for
+    /// it). Capacity is taken first, so a half-open circuit's probe is only handed out to an
     /// attempt that will really be made.
-    pub async fn admit(&self, forced: bool) -> Result<Option<OwnedSemaphorePermit>, Skip> {
-        let permit = match &self.capacity {
+    pub fn admit(&self, forced: bool) -> Result<Option<Slot>, Skip> {
+        let slot = match &self.capacity {
             None => None,
-            Some(capacity) if forced => Some(
-                capacity
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .map_err(|_| Skip::Full)?,
-            ),
             Some(capacity) => Some(
                 capacity
-                    .clone()
-                    .try_acquire_owned()
-                    .map_err(|_| Skip::Full)?,
+                    .try_take()
+                    .ok_or_else(|| Skip::Full(capacity.clone()))?,
             ),
         };
         match self.backend.circuit.admit() {
             Admission::Down(retry) if !forced => Err(Skip::Down(retry)),
-            _ => Ok(permit),
+            _ => Ok(slot),
         }
     }
 }
@@ -126,9 +119,8 @@ pub struct Router {
     openai: Option<Backend>,
     anthropic: Option<Backend>,
     models: ModelChoices,
-    local_capacity: Arc<Semaphore>,
-    /// `OLLAMA_MAX_INFLIGHT`.
-    local_capacity_limit: usize,
+    /// `OLLAMA_MAX_INFLIGHT` and the local queue.
+    local_capacity: Arc<Capacity>,
     /// What Ollama last reported in `/api/tags` (`None`: it did not answer).
     local_models: RwLock<Option<Vec<String>>>,
     /// What the other configured upstreams last reported, with their owner.
@@ -148,9 +140,14 @@ fn is_openai_o_series(model: &str) -> bool {
 }
 
 fn unconfigured(model: &str, what: &str, variable: &str) -> ApiError {
-    ApiError::no_tier_available(format!(
-        "Model `{model}` is served by {what}, which is not configured on this gateway (set {variable})."
-    ))
+    // A retry will not help until the operator configures the tier: the shortest wait, so an
+    // SDK's retries give up quickly.
+    ApiError::no_tier_available(
+        format!(
+            "Model `{model}` is served by {what}, which is not configured on this gateway (set {variable})."
+        ),
+        1,
+    )
 }
 
 fn read<T: Clone>(lock: &RwLock<T>) -> T {
@@ -166,7 +163,7 @@ impl Router {
         openai: Option<Backend>,
         anthropic: Option<Backend>,
         models: ModelChoices,
-        local_capacity: usize,
+        local_capacity: Arc<Capacity>,
     ) -> Self {
         Self {
             ollama,
@@ -174,8 +171,7 @@ impl Router {
             openai,
             anthropic,
             models,
-            local_capacity: Arc::new(Semaphore::new(local_capacity)),
-            local_capacity_limit: local_capacity,
+            local_capacity,
             local_models: RwLock::new(None),
             remote_models: RwLock::default(),
         }
@@ -302,8 +298,7 @@ impl Router {
 
     /// Each provider's state, for `nself claw api test --verbose`.
     pub fn tier_states(&self) -> Vec<TierState> {
-        let total = self.local_capacity_limit;
-        let in_flight = total.saturating_sub(self.local_capacity.available_permits());
+        let load = self.local_capacity.load();
         let reachable = read(&self.local_models).is_some();
         let mut states = vec![TierState {
             tier: Tier::Local,
@@ -314,9 +309,10 @@ impl Router {
                 "unreachable"
             },
             detail: format!(
-                "{in_flight}/{total} in flight, model {}",
-                self.models.ollama
+                "{}/{} in flight, {} queued, model {}",
+                load.in_flight, load.capacity, load.queued, self.models.ollama
             ),
+            load: Some(load),
         }];
         for (backend, provider, variable) in [
             (&self.gemini, Provider::Gemini, "GEMINI_API_KEYS"),
@@ -329,12 +325,14 @@ impl Router {
                     provider,
                     state: b.circuit.describe(),
                     detail: b.provider.status_detail().unwrap_or_default(),
+                    load: None,
                 },
                 None => TierState {
                     tier: provider.tier(),
                     provider,
                     state: "unconfigured",
                     detail: format!("set {variable}"),
+                    load: None,
                 },
             });
         }
@@ -397,6 +395,9 @@ pub struct TierState {
     pub provider: Provider,
     pub state: &'static str,
     pub detail: String,
+    /// In flight, capacity and queue, for tiers with a capacity.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load: Option<Load>,
 }
 
 #[cfg(test)]

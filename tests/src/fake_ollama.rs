@@ -95,6 +95,26 @@ impl Default for Behavior {
 struct Shared {
     script: Script<Behavior, Value>,
     chat_requests: AtomicUsize,
+    /// Chat requests being answered right now, and the most there ever were at once.
+    chats_in_flight: AtomicUsize,
+    most_chats_in_flight: AtomicUsize,
+}
+
+/// Counts one chat request as in flight until dropped (when its answer is complete).
+struct ChatInFlight(Arc<Shared>);
+
+impl ChatInFlight {
+    fn start(shared: &Arc<Shared>) -> Self {
+        let now = shared.chats_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        shared.most_chats_in_flight.fetch_max(now, Ordering::SeqCst);
+        Self(shared.clone())
+    }
+}
+
+impl Drop for ChatInFlight {
+    fn drop(&mut self) {
+        self.0.chats_in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Shared {
@@ -159,6 +179,11 @@ impl FakeOllama {
     /// Number of well-formed JSON requests received on `/api/chat`.
     pub fn chat_requests(&self) -> usize {
         self.shared.chat_requests.load(Ordering::SeqCst)
+    }
+
+    /// The most chat requests that were being answered at the same time.
+    pub fn most_chats_in_flight(&self) -> usize {
+        self.shared.most_chats_in_flight.load(Ordering::SeqCst)
     }
 
     /// Stops the server (same as dropping it).
@@ -256,6 +281,7 @@ fn message(model: &str, content: &str, done: bool) -> Value {
 
 async fn chat(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
     let started = Instant::now();
+    let in_flight = ChatInFlight::start(&shared);
     let (req, b) = match admit(&shared, &body, true).await {
         Ok(v) => v,
         Err(resp) => return resp,
@@ -312,6 +338,7 @@ async fn chat(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
 
     let (tx, stream) = streamed_body();
     tokio::spawn(async move {
+        let _in_flight = in_flight;
         let line = |v: &Value| Ok(Bytes::from(format!("{v}\n")));
         for (i, part) in parts.iter().enumerate() {
             if b.hang_after_chunks == Some(i) {

@@ -35,6 +35,7 @@ fn store_error(err: impl std::fmt::Display) -> ApiError {
     tracing::error!(error = %err, "admin request failed");
     ApiError::no_tier_available(
         "The read models or the ledger are unavailable; see the gateway log.",
+        1,
     )
 }
 

@@ -142,7 +142,7 @@ async fn a_client_that_hangs_up_mid_stream_is_still_accounted() {
 }
 
 #[tokio::test]
-async fn auto_spills_past_local_capacity_instead_of_queueing() {
+async fn auto_waits_for_local_capacity_when_no_tier_after_it_could_serve() {
     let gw = TestGateway::start_with(&["--ollama-max-inflight", "1"]).await;
     let (_, key) = gw.create_key("app", 60, false).await;
     gw.ollama.set_behavior(Behavior {
@@ -159,10 +159,9 @@ async fn auto_spills_past_local_capacity_instead_of_queueing() {
     assert_eq!(first.status(), 200);
     assert_eq!(
         second.status(),
-        503,
-        "nothing beyond local is configured, so the spill finds no tier"
+        200,
+        "nothing beyond local is configured, so the request waits for local's capacity"
     );
-    let fallbacks = gw.fallbacks().await;
-    assert_eq!(fallbacks.len(), 1);
-    assert_eq!(fallbacks[0].reason, FallbackReason::Capacity);
+    assert_eq!(second.headers()["x-nself-provider"], "ollama");
+    assert!(gw.fallbacks().await.is_empty());
 }

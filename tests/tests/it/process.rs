@@ -428,6 +428,12 @@ async fn api_test_reports_reachability_and_bad_keys() {
             "--verbose does not show tier {tier}: {text}"
         );
     }
+    assert!(
+        text.lines().any(|l| l.trim_start().starts_with("local")
+            && l.contains("in flight")
+            && l.contains("0 queued")),
+        "--verbose shows the local tier's load and queue: {text}"
+    );
 
     let bogus = format!("sk-nself-{}", "A1b2C3d4".repeat(5));
     let out = gw.cli(&["test", "--key", &bogus]).await;
