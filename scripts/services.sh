@@ -13,6 +13,9 @@
 #   scripts/services.sh status   say whether each is up (exit 0 only when both are)
 #   scripts/services.sh env      print one eval-able line:
 #                                  export CLAW_KAFKA_BROKERS=... CLAW_DATABASE_URL=...
+#   scripts/services.sh clean-tests
+#                                drop the databases (claw_test_*) and topics (claw.test.*)
+#                                that earlier test runs left
 #   scripts/services.sh topics ARGS...
 #                                Kafka's topic CLI against the broker, e.g. `topics --list`
 #
@@ -416,6 +419,17 @@ case "$cmd" in
       echo "kafka: down"; rc=3
     fi
     exit "$rc"
+    ;;
+  clean-tests)
+    # What earlier test runs left: their databases (claw_test_*) and topics (claw.test.*).
+    for db in $(psql "$DATABASE_URL" -XtAc "SELECT datname FROM pg_database WHERE datname LIKE 'claw\_test\_%'"); do
+      psql "$DATABASE_URL" -XqAc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null
+    done
+    [ -f "$KAFKA_TOOLS_LOG4J" ] || kafka_write_config
+    if java_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "$KAFKA_BROKERS" --list | grep -q '^claw\.test\.'; then
+      java_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "$KAFKA_BROKERS" --delete --topic 'claw\.test\..*' >/dev/null
+    fi
+    log "removed earlier test databases and topics"
     ;;
   topics)
     [ -f "$KAFKA_LIBS/.complete" ] || die "kafka jars not resolved yet: run '$0 up' first"

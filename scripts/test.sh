@@ -1,15 +1,30 @@
 #!/usr/bin/env bash
 # The whole test suite: every crate's unit and integration tests (including the real `nself`
-# binary and the process-level restart/crash tests), then the official OpenAI SDKs for Python
-# and Node against a real `nself claw serve`. Run from anywhere; needs Rust, Python 3 and Node.
+# binary and the process-level restart/crash tests), the in-process gateway suites a second
+# time on real Kafka and PostgreSQL (distributed mode), then the official OpenAI SDKs for
+# Python and Node against a real `nself claw serve`. Run from anywhere; needs Rust, Python 3,
+# Node and Java (for Kafka); installs the Debian packages the build and the services need and
+# starts PostgreSQL and Kafka on loopback (scripts/services.sh; `scripts/services.sh down`
+# stops them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+echo "==> build dependencies (Debian packages)"
+scripts/build-deps.sh
+
+echo "==> services: PostgreSQL and Kafka on loopback"
+scripts/services.sh up
+eval "$(scripts/services.sh env)"
+scripts/services.sh clean-tests
 
 echo "==> cargo build (all binaries the tests start)"
 cargo build --workspace --bins --locked
 
-echo "==> cargo test --workspace"
+echo "==> cargo test --workspace (embedded; the Kafka backend's own tests on the real broker)"
 cargo test --workspace --locked
+
+echo "==> the gateway suites again, distributed (Kafka ledger, PostgreSQL read models)"
+CLAW_TEST_BACKEND=distributed cargo test -p claw-tests --test it --locked
 
 echo "==> Python: the official openai SDK against nself claw serve"
 python="$(scripts/python-env.sh | tail -n 1)"

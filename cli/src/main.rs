@@ -32,10 +32,51 @@ enum Claw {
     /// Run the gateway. With no Kafka/PostgreSQL configured it runs embedded: ledger and read
     /// models in one SQLite file under CLAW_DATA_DIR, projector in-process.
     Serve(Box<claw_gateway::ServeArgs>),
-    /// Run the projector as its own service (distributed mode: Kafka → PostgreSQL).
-    Projector,
+    /// Run the projector as its own service (distributed mode): a member of the ledger topic's
+    /// consumer group, folding its partitions into the PostgreSQL read models. Run as many as
+    /// you like; Kafka splits the partitions between them.
+    Projector(ProjectorArgs),
     /// Manage and inspect a running gateway through its admin API.
     Api(ApiArgs),
+}
+
+#[derive(Debug, Args)]
+struct ProjectorArgs {
+    /// Kafka bootstrap servers of the ledger.
+    #[arg(long, env = "CLAW_KAFKA_BROKERS")]
+    kafka_brokers: String,
+    /// The ledger topic.
+    #[arg(long, env = "CLAW_KAFKA_TOPIC", default_value = "claw.ledger.v1")]
+    kafka_topic: String,
+    /// The consumer group the projector instances share (default `<topic>.projector`).
+    #[arg(long, env = "CLAW_KAFKA_GROUP")]
+    kafka_group: Option<String>,
+    /// Partitions of the topic when the projector creates it.
+    #[arg(long, env = "CLAW_KAFKA_PARTITIONS", default_value_t = 6, value_parser = clap::value_parser!(i32).range(1..=10_000))]
+    kafka_partitions: i32,
+    /// postgres://… of the read models.
+    #[arg(long, env = "CLAW_DATABASE_URL", hide_env_values = true)]
+    database_url: String,
+}
+
+impl ProjectorArgs {
+    fn into_config(self) -> claw_projector::service::ServiceConfig {
+        let group = self
+            .kafka_group
+            .filter(|g| !g.trim().is_empty())
+            .unwrap_or_else(|| format!("{}.projector", self.kafka_topic));
+        claw_projector::service::ServiceConfig {
+            kafka: claw_ledger::kafka::KafkaConfig {
+                brokers: self.kafka_brokers,
+                topic: self.kafka_topic,
+                partitions: self.kafka_partitions,
+                replication: 1,
+                producer: format!("projector:{}", std::process::id()),
+            },
+            group,
+            database_url: self.database_url,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -169,26 +210,47 @@ async fn run(claw: Claw) -> Result<ExitCode, CliError> {
     match claw {
         Claw::Serve(settings) => {
             let _flush_logs_on_exit = init_logging();
-            let state = claw_gateway::open(*settings).await.map_err(|e| CliError::Message(e.to_string()))?;
-            claw_gateway::serve(state).await.map_err(|e| CliError::Message(e.to_string()))?;
+            let state = claw_gateway::open(*settings)
+                .await
+                .map_err(|e| CliError::Message(e.to_string()))?;
+            claw_gateway::serve(state)
+                .await
+                .map_err(|e| CliError::Message(e.to_string()))?;
             Ok(ExitCode::SUCCESS)
         }
-        Claw::Projector => Err(CliError::Message(
-            "the standalone projector needs distributed mode (CLAW_KAFKA_BROKERS and CLAW_DATABASE_URL), which this build does not have yet; in embedded mode the projector runs inside `nself claw serve`".into(),
-        )),
+        Claw::Projector(args) => {
+            let _flush_logs_on_exit = init_logging();
+            claw_projector::service::run(
+                args.into_config(),
+                claw_gateway::startup::shutdown_signal(),
+            )
+            .await
+            .map_err(|e| CliError::Message(e.to_string()))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Claw::Api(api) => {
             let client = AdminClient::new(&api.url)?;
             match api.command {
                 Api::Keys(Keys::List { json }) => admin::keys_list(&client, json).await,
-                Api::Keys(Keys::Create { name, admin, rpm, json }) => {
-                    admin::keys_create(&client, &name, admin, rpm, json).await
+                Api::Keys(Keys::Create {
+                    name,
+                    admin,
+                    rpm,
+                    json,
+                }) => admin::keys_create(&client, &name, admin, rpm, json).await,
+                Api::Keys(Keys::Revoke { id, reason }) => {
+                    admin::keys_revoke(&client, &id, reason.as_deref()).await
                 }
-                Api::Keys(Keys::Revoke { id, reason }) => admin::keys_revoke(&client, &id, reason.as_deref()).await,
-                Api::Usage { key, since, until, json } => {
-                    admin::usage(&client, key.as_deref(), since, until, json).await
-                }
+                Api::Usage {
+                    key,
+                    since,
+                    until,
+                    json,
+                } => admin::usage(&client, key.as_deref(), since, until, json).await,
                 Api::Test { key, verbose } => admin::test(&client, key.as_deref(), verbose).await,
-                Api::Events { from, follow, json } => admin::events(&client, from, follow, json).await,
+                Api::Events { from, follow, json } => {
+                    admin::events(&client, from, follow, json).await
+                }
                 Api::Audit { json } => admin::audit(&client, json).await,
             }
         }

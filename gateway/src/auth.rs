@@ -9,9 +9,9 @@ use axum::http::request::Parts;
 use axum::http::HeaderMap;
 use subtle::ConstantTimeEq;
 
-use crate::app::AppState;
 use crate::error::ApiError;
 use crate::keys::{CachedKey, KeyRefusal};
+use crate::state::AppState;
 
 /// The bearer token of a request, if any.
 fn bearer(headers: &HeaderMap) -> Option<&str> {

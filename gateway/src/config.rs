@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use clap::Args;
 
+use claw_ledger::kafka::KafkaConfig;
+
 use crate::capacity::QueuePolicy;
+use crate::startup::StartError;
 
 /// How many chat requests the local tier runs at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +52,14 @@ pub struct ServeArgs {
     /// Kafka ledger topic.
     #[arg(long, env = "CLAW_KAFKA_TOPIC", default_value = "claw.ledger.v1")]
     pub kafka_topic: String,
+
+    /// The projector's Kafka consumer group (default `<topic>.projector`, one per topic).
+    #[arg(long, env = "CLAW_KAFKA_GROUP")]
+    pub kafka_group: Option<String>,
+
+    /// Partitions of the ledger topic when it is created (a key's events share one).
+    #[arg(long, env = "CLAW_KAFKA_PARTITIONS", default_value_t = 6, value_parser = clap::value_parser!(i32).range(1..=10_000))]
+    pub kafka_partitions: i32,
 
     /// postgres://… URL; set → read models in PostgreSQL (distributed mode).
     #[arg(long, env = "CLAW_DATABASE_URL", hide_env_values = true)]
@@ -211,6 +222,41 @@ impl ServeArgs {
     /// A setting that is present and not blank.
     pub fn present(value: Option<&String>) -> Option<&str> {
         value.map(|v| v.trim()).filter(|v| !v.is_empty())
+    }
+
+    /// `(brokers, database URL)` in distributed mode; `None` embedded. Setting only one of
+    /// the two is a mistake worth stopping for.
+    pub fn distributed(&self) -> Result<Option<(&str, &str)>, StartError> {
+        match (
+            Self::present(self.kafka_brokers.as_ref()),
+            Self::present(self.database_url.as_ref()),
+        ) {
+            (Some(brokers), Some(url)) => Ok(Some((brokers, url))),
+            (None, None) => Ok(None),
+            (Some(_), None) => Err(StartError::Config(
+                "CLAW_KAFKA_BROKERS is set but CLAW_DATABASE_URL is not: distributed mode needs both (the Kafka ledger and the PostgreSQL read models); unset CLAW_KAFKA_BROKERS to run embedded.".into(),
+            )),
+            (None, Some(_)) => Err(StartError::Config(
+                "CLAW_DATABASE_URL is set but CLAW_KAFKA_BROKERS is not: distributed mode needs both (the Kafka ledger and the PostgreSQL read models); unset CLAW_DATABASE_URL to run embedded.".into(),
+            )),
+        }
+    }
+
+    /// The projector's consumer group.
+    pub fn kafka_group(&self) -> String {
+        Self::present(self.kafka_group.as_ref())
+            .map_or_else(|| format!("{}.projector", self.kafka_topic), str::to_owned)
+    }
+
+    /// The Kafka ledger's settings; `producer` names this instance in CloudEvents' source.
+    pub fn kafka_config(&self, brokers: &str, producer: &str) -> KafkaConfig {
+        KafkaConfig {
+            brokers: brokers.to_owned(),
+            topic: self.kafka_topic.clone(),
+            partitions: self.kafka_partitions,
+            replication: 1,
+            producer: producer.to_owned(),
+        }
     }
 
     /// The embedded database file.

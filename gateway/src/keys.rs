@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -40,16 +41,21 @@ pub fn hash_secret(secret: &str) -> String {
 /// An active key as the request path sees it, with its rate limiter.
 pub struct CachedKey {
     pub record: KeyRecord,
-    /// The key's `rpm_limit` token bucket (burst = rpm), shared across reloads.
+    /// This gateway's share of the key's `rpm_limit` as a token bucket (burst = share),
+    /// kept across reloads.
     limiter: Arc<DefaultDirectRateLimiter>,
+    /// How many gateways share the key's rpm (this one enforces `ceil(rpm / replicas)`).
+    replicas: u32,
 }
 
 impl CachedKey {
-    fn new(record: KeyRecord) -> Self {
-        let rpm = NonZeroU32::new(record.rpm_limit).unwrap_or(NonZeroU32::MIN);
+    fn new(record: KeyRecord, replicas: u32) -> Self {
+        let share = record.rpm_limit.div_ceil(replicas.max(1));
+        let rpm = NonZeroU32::new(share).unwrap_or(NonZeroU32::MIN);
         Self {
             limiter: Arc::new(DefaultDirectRateLimiter::direct(Quota::per_minute(rpm))),
             record,
+            replicas,
         }
     }
 
@@ -74,6 +80,8 @@ pub enum KeyRefusal {
 /// The in-memory view of active keys, by secret hash.
 pub struct KeyCache {
     store: ReadModels,
+    /// Gateways serving the same keys (1 embedded); each enforces its share of every rpm.
+    replicas: AtomicU32,
     active: RwLock<HashMap<String, Arc<CachedKey>>>,
     unknown: RwLock<HashMap<String, Instant>>,
 }
@@ -83,6 +91,7 @@ impl KeyCache {
     pub async fn load(store: ReadModels) -> Result<Arc<Self>, StoreError> {
         let cache = Arc::new(Self {
             store,
+            replicas: AtomicU32::new(1),
             active: RwLock::default(),
             unknown: RwLock::default(),
         });
@@ -93,6 +102,7 @@ impl KeyCache {
     /// Re-reads the keys; a key whose rpm is unchanged keeps its rate-limit state.
     pub async fn reload(&self) -> Result<(), StoreError> {
         let keys = self.store.list_keys().await?;
+        let replicas = self.replicas.load(Ordering::Acquire);
         let mut active = self
             .active
             .write()
@@ -101,14 +111,17 @@ impl KeyCache {
         for record in keys.into_iter().filter(|k| k.is_active) {
             let entry = match active.remove(&record.key_hash) {
                 Some(old)
-                    if old.record.rpm_limit == record.rpm_limit && old.record.id == record.id =>
+                    if old.record.rpm_limit == record.rpm_limit
+                        && old.record.id == record.id
+                        && old.replicas == replicas =>
                 {
                     Arc::new(CachedKey {
                         record: record.clone(),
                         limiter: old.limiter.clone(),
+                        replicas,
                     })
                 }
-                _ => Arc::new(CachedKey::new(record.clone())),
+                _ => Arc::new(CachedKey::new(record.clone(), replicas)),
             };
             next.insert(record.key_hash, entry);
         }
@@ -151,7 +164,12 @@ impl KeyCache {
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
                 Ok(active
                     .entry(hash)
-                    .or_insert_with(|| Arc::new(CachedKey::new(record)))
+                    .or_insert_with(|| {
+                        Arc::new(CachedKey::new(
+                            record,
+                            self.replicas.load(Ordering::Acquire),
+                        ))
+                    })
                     .clone())
             }
             _ => {
@@ -168,6 +186,22 @@ impl KeyCache {
                 unknown.insert(hash, now);
                 Err(KeyRefusal::Unknown)
             }
+        }
+    }
+
+    /// Sets how many gateways share the keys' rate limits; when it changes, every key's bucket
+    /// starts over at its new share (a moment's leeway, not a lockout).
+    pub fn set_replicas(&self, replicas: u32) {
+        let replicas = replicas.max(1);
+        if self.replicas.swap(replicas, Ordering::AcqRel) == replicas {
+            return;
+        }
+        let mut active = self
+            .active
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for key in active.values_mut() {
+            *key = Arc::new(CachedKey::new(key.record.clone(), replicas));
         }
     }
 
@@ -204,18 +238,21 @@ mod tests {
 
     #[test]
     fn the_bucket_allows_a_burst_of_rpm_then_says_when_to_retry() {
-        let key = CachedKey::new(KeyRecord {
-            id: "k".into(),
-            name: "n".into(),
-            key_prefix: "sk-nself-abc".into(),
-            key_hash: String::new(),
-            is_active: true,
-            admin_allowed: false,
-            rpm_limit: 3,
-            created_at: String::new(),
-            last_used_at: None,
-            revoked_at: None,
-        });
+        let key = CachedKey::new(
+            KeyRecord {
+                id: "k".into(),
+                name: "n".into(),
+                key_prefix: "sk-nself-abc".into(),
+                key_hash: String::new(),
+                is_active: true,
+                admin_allowed: false,
+                rpm_limit: 3,
+                created_at: String::new(),
+                last_used_at: None,
+                revoked_at: None,
+            },
+            1,
+        );
         for _ in 0..3 {
             assert!(key.check_rate().is_ok());
         }

@@ -3,10 +3,10 @@
 //! usage, events and audits.
 
 pub mod accounting;
-pub mod app;
 pub mod auth;
 pub mod capacity;
 pub mod circuit;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod exchange;
@@ -16,7 +16,11 @@ pub mod pricing;
 pub mod providers;
 pub mod router;
 pub mod routes;
+pub mod startup;
+pub mod state;
 pub mod unread_body;
 
-pub use app::{open, routes as http_routes, serve, serve_on, AppState, StartError};
 pub use config::ServeArgs;
+pub use routes::router;
+pub use startup::{open, serve, serve_on, StartError};
+pub use state::AppState;

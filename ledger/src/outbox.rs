@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::event::Envelope;
-use crate::log::{EventLog, LedgerError};
+use crate::log::{Appender, LedgerError};
 
 /// How many records may wait for the outbox thread before callers feel backpressure.
 const QUEUE_DEPTH: usize = 4096;
@@ -78,7 +78,7 @@ impl std::fmt::Debug for Outbox {
 impl Outbox {
     /// Opens the outbox file at `path` (creating it), appends whatever it still holds to
     /// `log`, and starts the outbox thread and the drainer.
-    pub async fn open(dir: &Path, log: Arc<dyn EventLog>) -> Result<Self, LedgerError> {
+    pub async fn open(dir: &Path, log: Arc<dyn Appender>) -> Result<Self, LedgerError> {
         let paths = [dir.join("outbox.0"), dir.join("outbox.1")];
         let (files, leftover, generation) =
             tokio::task::spawn_blocking(move || open_segments(&paths))
@@ -376,7 +376,7 @@ impl FileWriter {
 
 /// Appends accepted records to the ledger in order, retrying with backoff while it fails.
 async fn drain(
-    log: Arc<dyn EventLog>,
+    log: Arc<dyn Appender>,
     mut rx: mpsc::Receiver<Accepted>,
     drained: watch::Sender<u64>,
     backlog: watch::Sender<usize>,

@@ -12,8 +12,12 @@ use sqlx::{Row as _, SqlitePool};
 use tokio::sync::watch;
 
 use crate::event::Envelope;
-use crate::log::{EventLog, LedgerError, Recorded};
+use crate::log::{Appender, LedgerError, LedgerReader, Recorded};
+use crate::position::{Frontier, Position};
 use crate::writer::{seq_to_offset, Row, SqliteWriter, CHECKPOINT_EVERY};
+
+/// The embedded log is one partition.
+pub const EMBEDDED_PARTITION: i32 = 0;
 
 /// The SQLite-backed `EventLog`.
 pub struct SqliteLedger {
@@ -21,8 +25,8 @@ pub struct SqliteLedger {
     reader: SqlitePool,
     /// The file's single writer, shared with the embedded projector.
     writer: SqliteWriter,
-    /// Next offset to be written, published after each commit.
-    head: watch::Receiver<u64>,
+    /// The log's end, published after each commit (one writer: what this process appended).
+    head: watch::Receiver<Frontier>,
 }
 
 /// Connection options for reading the embedded database file.
@@ -70,8 +74,8 @@ impl SqliteLedger {
 }
 
 #[async_trait]
-impl EventLog for SqliteLedger {
-    async fn append(&self, events: Vec<Envelope>) -> Result<Vec<u64>, LedgerError> {
+impl Appender for SqliteLedger {
+    async fn append(&self, events: Vec<Envelope>) -> Result<Vec<Position>, LedgerError> {
         let rows = events
             .iter()
             .map(|e| {
@@ -83,9 +87,42 @@ impl EventLog for SqliteLedger {
                 })
             })
             .collect::<Result<Vec<_>, LedgerError>>()?;
-        self.writer.append(rows).await
+        let offsets = self.writer.append(rows).await?;
+        Ok(offsets
+            .into_iter()
+            .map(|o| Position::new(EMBEDDED_PARTITION, o))
+            .collect())
     }
-    async fn read(&self, from: u64, limit: usize) -> Result<Vec<Recorded>, LedgerError> {
+
+    fn appended(&self) -> watch::Receiver<Frontier> {
+        self.head.clone()
+    }
+
+    async fn ping(&self) -> Result<(), LedgerError> {
+        sqlx::query("SELECT 1").execute(&self.reader).await?;
+        Ok(())
+    }
+
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+}
+
+#[async_trait]
+impl LedgerReader for SqliteLedger {
+    async fn ends(&self) -> Result<Frontier, LedgerError> {
+        Ok(self.head.borrow().clone())
+    }
+
+    async fn read(
+        &self,
+        partition: i32,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<Recorded>, LedgerError> {
+        if partition != EMBEDDED_PARTITION {
+            return Ok(Vec::new());
+        }
         let rows =
             sqlx::query("SELECT seq, envelope FROM ledger WHERE seq > ? ORDER BY seq LIMIT ?")
                 .bind(i64::try_from(from).unwrap_or(i64::MAX))
@@ -96,23 +133,16 @@ impl EventLog for SqliteLedger {
             .map(|row| {
                 let offset = seq_to_offset(row.get::<i64, _>(0));
                 let text: String = row.get(1);
-                let event = serde_json::from_str(&text)
-                    .map_err(|source| LedgerError::Corrupt { offset, source })?;
+                let event = serde_json::from_str(&text).map_err(|source| LedgerError::Corrupt {
+                    position: Position::new(EMBEDDED_PARTITION, offset),
+                    source,
+                })?;
                 Ok(Recorded {
-                    partition: 0,
+                    partition: EMBEDDED_PARTITION,
                     offset,
                     event,
                 })
             })
             .collect()
-    }
-
-    fn head(&self) -> watch::Receiver<u64> {
-        self.head.clone()
-    }
-
-    async fn ping(&self) -> Result<(), LedgerError> {
-        sqlx::query("SELECT 1").execute(&self.reader).await?;
-        Ok(())
     }
 }

@@ -32,6 +32,8 @@ use rusqlite::{Connection, OptionalExtension as _, Transaction, TransactionBehav
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::log::LedgerError;
+use crate::position::Frontier;
+use crate::sqlite::EMBEDDED_PARTITION;
 
 /// How many jobs may wait for the writer before callers feel backpressure.
 const QUEUE_DEPTH: usize = 4096;
@@ -94,12 +96,15 @@ impl SqliteWriter {
     pub(crate) fn start(
         path: &Path,
         checkpoint_every: Duration,
-    ) -> Result<(Self, watch::Receiver<u64>), LedgerError> {
+    ) -> Result<(Self, watch::Receiver<Frontier>), LedgerError> {
         let conn = open_connection(path)?;
         conn.execute(CREATE_LEDGER, [])?;
         let next: i64 =
             conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM ledger", [], |r| r.get(0))?;
-        let (head_tx, head) = watch::channel(u64::try_from(next).unwrap_or(0));
+        let (head_tx, head) = watch::channel(Frontier::from_iter([(
+            EMBEDDED_PARTITION,
+            u64::try_from(next).unwrap_or(0),
+        )]));
         let (jobs, rx) = mpsc::channel(QUEUE_DEPTH);
         let (flushes, flush_requests) = std_mpsc::channel::<()>();
         let backfilled = Arc::new(AtomicBool::new(false));
@@ -179,7 +184,8 @@ fn open_connection(path: &Path) -> Result<Connection, rusqlite::Error> {
 /// The writer thread's state.
 struct Writer {
     conn: Connection,
-    head: watch::Sender<u64>,
+    /// The log's end (partition 0's next offset), published after each commit.
+    head: watch::Sender<Frontier>,
     /// The `synchronous` setting the connection has now (`None` until first set).
     durable: Option<bool>,
     /// Set by the checkpointer when it has copied most of a log worth starting over.
@@ -256,11 +262,8 @@ impl Writer {
         metrics::histogram!("claw_ledger_commit_appends").record(appends.len() as f64);
         match written {
             Ok((offsets, next)) => {
-                self.head.send_if_modified(|h| {
-                    let moved = *h < next;
-                    *h = (*h).max(next);
-                    moved
-                });
+                self.head
+                    .send_if_modified(|h| h.advance(EMBEDDED_PARTITION, next));
                 for ((_, done), offs) in appends.into_iter().zip(offsets) {
                     let _ = done.send(Ok(offs));
                 }

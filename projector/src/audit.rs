@@ -3,12 +3,13 @@
 //! are exactly the fold of the ledger.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
-use claw_ledger::EventLog;
+use claw_ledger::{Frontier, LedgerReader};
 use serde::{Deserialize, Serialize};
 use sqlx::AnyConnection;
 
-use crate::runner::{replay, EMBEDDED_SOURCE};
+use crate::runner::replay;
 use crate::store::{ReadModels, StoreError};
 use crate::views::nanos_to_usd;
 
@@ -43,8 +44,10 @@ pub struct AuditKey {
 /// The audit's result.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuditReport {
-    /// Ledger events replayed (offsets below this).
+    /// Ledger events replayed (offsets below `until`, summed over partitions).
     pub events: u64,
+    /// The frontier replayed up to: where the live projection was when the audit began.
+    pub until: Frontier,
     pub keys: Vec<AuditKey>,
     /// How many keys differ.
     pub drift: usize,
@@ -99,22 +102,34 @@ fn differences(live: &KeyState, replayed: &KeyState) -> Vec<String> {
         .collect()
 }
 
-/// Audits `live` against a replay of `log`.
-pub async fn audit(log: &dyn EventLog, live: &ReadModels) -> Result<AuditReport, StoreError> {
-    // One read transaction: the live totals and the offset they correspond to.
+/// Audits `live` (the projection of `source`) against a replay of `log`.
+pub async fn audit(
+    log: Arc<dyn LedgerReader>,
+    live: &ReadModels,
+    source: &str,
+) -> Result<AuditReport, StoreError> {
+    // One read transaction: the live totals and the frontier they correspond to.
     let mut tx = live.pool.begin().await?;
-    let position: Option<i64> = sqlx::query_scalar(
-        "SELECT next_offset FROM projector_offsets WHERE source = $1 AND ledger_partition = 0",
+    let offsets: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT ledger_partition, next_offset FROM projector_offsets WHERE source = $1",
     )
-    .bind(EMBEDDED_SOURCE)
-    .fetch_optional(&mut *tx)
+    .bind(source)
+    .fetch_all(&mut *tx)
     .await?;
     let live_state = snapshot(&mut tx).await?;
     tx.commit().await?;
-    let until = position.map_or(0, |p| u64::try_from(p).unwrap_or(0));
+    let until: Frontier = offsets
+        .into_iter()
+        .map(|(p, n)| {
+            (
+                i32::try_from(p).unwrap_or(i32::MAX),
+                u64::try_from(n).unwrap_or(0),
+            )
+        })
+        .collect();
 
     let scratch = ReadModels::open_scratch().await?;
-    replay(log, &scratch, until).await?;
+    replay(log, &scratch, &until).await?;
     let mut conn = scratch.pool.acquire().await?;
     let replayed = snapshot(&mut conn).await?;
 
@@ -141,7 +156,8 @@ pub async fn audit(log: &dyn EventLog, live: &ReadModels) -> Result<AuditReport,
         .collect();
     let drift = keys.iter().filter(|k| !k.drift.is_empty()).count();
     Ok(AuditReport {
-        events: until,
+        events: until.total(),
+        until,
         keys,
         drift,
     })

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use claw_ledger::{format_time, Tier};
+use claw_ledger::{format_time, Frontier, Tier};
 
 use crate::store::{ReadModels, StoreError};
 use crate::views::{
@@ -97,14 +97,59 @@ impl ReadModels {
 
     /// The next offset to fold for a ledger partition (0 when nothing was folded yet).
     pub async fn next_offset(&self, source: &str, partition: i32) -> Result<u64, StoreError> {
-        let next: Option<i64> = sqlx::query_scalar(
-            "SELECT next_offset FROM projector_offsets WHERE source = $1 AND ledger_partition = $2",
+        Ok(self.next_offsets(source).await?.next(partition))
+    }
+
+    /// How far the projection of `source` has folded, every partition.
+    pub async fn next_offsets(&self, source: &str) -> Result<Frontier, StoreError> {
+        let rows: Vec<(i64, i64)> = sqlx::query_as(
+            "SELECT ledger_partition, next_offset FROM projector_offsets WHERE source = $1",
         )
         .bind(source)
-        .bind(i64::from(partition))
-        .fetch_optional(&self.pool)
+        .fetch_all(&self.pool)
         .await?;
-        Ok(next.map_or(0, count))
+        Ok(rows
+            .into_iter()
+            .map(|(p, n)| (i32::try_from(p).unwrap_or(i32::MAX), count(n)))
+            .collect())
+    }
+
+    /// Announces that gateway `instance` is alive at `now`, forgets gateways not seen since
+    /// `stale_before`, and returns how many are alive (this one included).
+    pub async fn heartbeat(
+        &self,
+        instance: &str,
+        now: chrono::DateTime<chrono::Utc>,
+        stale_before: chrono::DateTime<chrono::Utc>,
+    ) -> Result<u32, StoreError> {
+        let (now, stale) = (format_time(now), format_time(stale_before));
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO gateway_instances (instance, seen_at) VALUES ($1, $2)
+             ON CONFLICT (instance) DO UPDATE SET seen_at = excluded.seen_at",
+        )
+        .bind(instance)
+        .bind(now.as_str())
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM gateway_instances WHERE seen_at < $1")
+            .bind(stale.as_str())
+            .execute(&mut *tx)
+            .await?;
+        let alive: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM gateway_instances")
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(u32::try_from(alive).unwrap_or(u32::MAX).max(1))
+    }
+
+    /// Forgets gateway `instance` (it is shutting down).
+    pub async fn leave(&self, instance: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM gateway_instances WHERE instance = $1")
+            .bind(instance)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// The usage document for `filter`.

@@ -1,11 +1,18 @@
-//! The projector loop: follows the ledger from the projection's stored offset, folds batches,
-//! and publishes how far it got (for commands that wait for their own events) and when keys
-//! changed (for the gateway's key cache). Embedded mode runs it as a task in the gateway.
+//! The projector loop: takes batches from a [`Feed`] (the embedded log followed from the
+//! projection's stored frontier, or a Kafka consumer-group member that seeks there on every
+//! assignment), folds them, and publishes how far the projection got (for commands that wait
+//! for their own events) and when keys changed (for the gateway's key cache). Embedded mode
+//! runs it as a task in the gateway; `nself claw projector` runs it as its own service.
+//!
+//! Whoever waits on the projection holds a [`ProjectorHandle`]: fed by this loop in-process,
+//! or by the read models' change notices when the projector is another process
+//! ([`crate::watch`]).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use claw_ledger::EventLog;
+use async_trait::async_trait;
+use claw_ledger::{Feed, Frontier, LedgerError, LedgerReader, ReaderFeed, StartPositions};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -15,7 +22,7 @@ use crate::store::{ReadModels, StoreError};
 pub const EMBEDDED_SOURCE: &str = "ledger";
 /// Events folded per transaction at most while following. Embedded, a fold holds the
 /// database file's one writer, and appends wait behind it: short turns keep their wait short.
-const BATCH: usize = 16;
+pub const BATCH: usize = 16;
 /// Events folded per transaction when replaying into a scratch projection (nobody waits).
 const REPLAY_BATCH: usize = 512;
 /// When fewer than a batch are waiting, how long to let more gather before folding: under
@@ -23,118 +30,177 @@ const REPLAY_BATCH: usize = 512;
 /// much longer).
 const GATHER: Duration = Duration::from_millis(20);
 
-/// Follows one ledger partition into the read models.
+/// Folds one source's feed into the read models.
 pub struct Projector {
-    log: Arc<dyn EventLog>,
+    feed: Box<dyn Feed>,
     store: ReadModels,
     source: String,
+    /// Events per fold at most.
+    batch: usize,
 }
 
-/// A running projector: how far it has folded, and a counter bumped on every key change.
+/// Where a projection is: how far it has folded, and a counter bumped on every key change.
 #[derive(Clone)]
 pub struct ProjectorHandle {
-    applied: watch::Receiver<u64>,
+    applied: watch::Receiver<Frontier>,
     key_changes: watch::Receiver<u64>,
     task: Arc<JoinHandle<()>>,
 }
 
+/// The projection's stored frontier of one source, as a consumer's starting point.
+pub struct StoredStart {
+    pub store: ReadModels,
+    pub source: String,
+}
+
+#[async_trait]
+impl StartPositions for StoredStart {
+    async fn start(&self, partitions: &[i32]) -> Result<Frontier, LedgerError> {
+        let stored = self
+            .store
+            .next_offsets(&self.source)
+            .await
+            .map_err(LedgerError::backend)?;
+        Ok(partitions.iter().map(|p| (*p, stored.next(*p))).collect())
+    }
+}
+
 impl Projector {
-    pub fn new(log: Arc<dyn EventLog>, store: ReadModels) -> Self {
+    /// Folds `feed` (events of `source`) into `store`, up to `batch` events per fold.
+    pub fn new(feed: Box<dyn Feed>, store: ReadModels, source: &str, batch: usize) -> Self {
         Self {
-            log,
+            feed,
             store,
-            source: EMBEDDED_SOURCE.to_owned(),
+            source: source.to_owned(),
+            batch,
         }
+    }
+
+    /// The embedded projector: follows `log` from the projection's stored frontier, woken by
+    /// the log's commits.
+    pub async fn embedded(
+        log: Arc<dyn LedgerReader>,
+        wake: watch::Receiver<Frontier>,
+        store: ReadModels,
+    ) -> Result<Self, StoreError> {
+        let from = store.next_offsets(EMBEDDED_SOURCE).await?;
+        let feed = ReaderFeed::new(log, from).woken_by(wake);
+        Ok(Self::new(Box::new(feed), store, EMBEDDED_SOURCE, BATCH))
     }
 
     /// Starts the loop on the current runtime.
     pub async fn spawn(self) -> Result<ProjectorHandle, StoreError> {
-        let next = self.store.next_offset(&self.source, 0).await?;
-        let (applied_tx, applied) = watch::channel(next);
+        let from = self.store.next_offsets(&self.source).await?;
+        let (applied_tx, applied) = watch::channel(from);
         let (keys_tx, key_changes) = watch::channel(0);
-        let task = tokio::spawn(self.run(next, applied_tx, keys_tx));
-        Ok(ProjectorHandle {
-            applied,
-            key_changes,
-            task: Arc::new(task),
-        })
+        let task = tokio::spawn(self.run(applied_tx, keys_tx));
+        Ok(ProjectorHandle::new(applied, key_changes, task))
     }
 
-    async fn run(self, mut next: u64, applied: watch::Sender<u64>, keys: watch::Sender<u64>) {
-        let mut head = self.log.head();
+    async fn run(mut self, applied: watch::Sender<Frontier>, keys: watch::Sender<u64>) {
         let mut backoff = Duration::from_millis(50);
+        // A batch that failed to fold is folded again, never skipped.
+        let mut pending = Vec::new();
         loop {
-            let lag = head.borrow_and_update().saturating_sub(next);
-            if lag == 0 {
-                if head.changed().await.is_err() {
-                    return;
+            if pending.is_empty() {
+                pending = match self.feed.next_batch(self.batch).await {
+                    Ok(batch) => batch,
+                    Err(err) => {
+                        tracing::error!(error = %err, "projector could not read the ledger; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        continue;
+                    }
+                };
+                if pending.len() < self.batch {
+                    tokio::time::sleep(GATHER).await;
+                    let room = self.batch - pending.len();
+                    match self.feed.ready_batch(room).await {
+                        Ok(more) => pending.extend(more),
+                        Err(err) => {
+                            tracing::warn!(error = %err, "projector could not read more of the ledger");
+                        }
+                    }
                 }
-                continue;
             }
-            if lag < BATCH as u64 {
-                tokio::time::sleep(GATHER).await;
-            }
-            match self.step(next).await {
-                Ok((new_next, keys_changed)) => {
+            match self.store.fold_batch(&self.source, &pending).await {
+                Ok(outcome) => {
                     backoff = Duration::from_millis(50);
-                    next = new_next;
-                    applied.send_replace(next);
-                    if keys_changed {
+                    applied.send_modify(|a| {
+                        for rec in &pending {
+                            a.pass(rec.position());
+                        }
+                    });
+                    pending.clear();
+                    if outcome.keys_changed {
                         keys.send_modify(|n| *n += 1);
                     }
                 }
                 Err(err) => {
-                    tracing::error!(error = %err, offset = next, "projector fold failed; retrying");
+                    tracing::error!(error = %err, events = pending.len(), "projector fold failed; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
         }
     }
-
-    async fn step(&self, next: u64) -> Result<(u64, bool), StoreError> {
-        let batch = self.log.read(next, BATCH).await?;
-        let Some(last) = batch.last() else {
-            return Ok((next, false));
-        };
-        let new_next = last.offset + 1;
-        let outcome = self.store.fold_batch(&self.source, &batch).await?;
-        Ok((new_next, outcome.keys_changed))
-    }
 }
 
 /// Folds the whole of `log` below `until` into `store` (used to build a scratch projection).
-pub async fn replay(log: &dyn EventLog, store: &ReadModels, until: u64) -> Result<u64, StoreError> {
-    let mut next = store.next_offset(EMBEDDED_SOURCE, 0).await?;
-    while next < until {
-        let limit = usize::try_from(until - next)
-            .unwrap_or(REPLAY_BATCH)
-            .min(REPLAY_BATCH);
-        let batch = log.read(next, limit).await?;
-        let Some(last) = batch.last() else { break };
-        next = last.offset + 1;
+pub async fn replay(
+    log: Arc<dyn LedgerReader>,
+    store: &ReadModels,
+    until: &Frontier,
+) -> Result<Frontier, StoreError> {
+    let mut feed = ReaderFeed::new(log, store.next_offsets(EMBEDDED_SOURCE).await?);
+    loop {
+        let behind = feed.position().behind(until);
+        if behind == 0 {
+            break;
+        }
+        let mut batch = feed
+            .read_ready(REPLAY_BATCH.min(usize::try_from(behind).unwrap_or(REPLAY_BATCH)))
+            .await?;
+        batch.retain(|rec| until.includes(rec.position()));
+        if batch.is_empty() {
+            break;
+        }
         store.fold_batch(EMBEDDED_SOURCE, &batch).await?;
     }
-    Ok(next)
+    Ok(feed.position().clone())
 }
 
 impl ProjectorHandle {
-    /// The next offset the projection will fold (everything below it is visible).
-    pub fn applied(&self) -> u64 {
-        *self.applied.borrow()
+    /// A handle on watches fed by `task`.
+    pub fn new(
+        applied: watch::Receiver<Frontier>,
+        key_changes: watch::Receiver<u64>,
+        task: JoinHandle<()>,
+    ) -> Self {
+        Self {
+            applied,
+            key_changes,
+            task: Arc::new(task),
+        }
     }
 
-    /// Waits until the event at `offset` is visible in the read models.
-    pub async fn wait_for(&self, offset: u64, deadline: Duration) -> Result<(), StoreError> {
+    /// How far the projection has folded (everything below it is visible).
+    pub fn applied(&self) -> Frontier {
+        self.applied.borrow().clone()
+    }
+
+    /// Waits until everything below `target` is visible in the read models.
+    pub async fn wait_for(&self, target: &Frontier, deadline: Duration) -> Result<(), StoreError> {
         let mut applied = self.applied.clone();
-        let reached = tokio::time::timeout(deadline, applied.wait_for(|a| *a > offset))
+        let reached = tokio::time::timeout(deadline, applied.wait_for(|a| a.covers(target)))
             .await
             .is_ok_and(|r| r.is_ok());
         if reached {
             Ok(())
         } else {
             Err(StoreError::Lagging {
-                offset,
+                target: serde_json::to_string(target).unwrap_or_default(),
+                applied: serde_json::to_string(&self.applied()).unwrap_or_default(),
                 waited: deadline,
             })
         }

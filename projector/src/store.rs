@@ -21,8 +21,12 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("ledger error: {0}")]
     Ledger(#[from] claw_ledger::LedgerError),
-    #[error("the projection did not reach offset {offset} within {waited:?}")]
-    Lagging { offset: u64, waited: Duration },
+    #[error("the projection did not reach {target} within {waited:?} (it is at {applied})")]
+    Lagging {
+        target: String,
+        applied: String,
+        waited: Duration,
+    },
 }
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -34,6 +38,8 @@ pub struct ReadModels {
     /// Where folds run when the ledger shares the database file (embedded mode); otherwise
     /// they run on the pool.
     pub(crate) writer: Option<SqliteWriter>,
+    /// PostgreSQL (folds announce themselves with `NOTIFY`), rather than SQLite.
+    pub(crate) postgres: bool,
 }
 
 impl ReadModels {
@@ -80,7 +86,11 @@ impl ReadModels {
             .connect(url)
             .await?;
         MIGRATOR.run(&pool).await?;
-        Ok(Self { pool, writer: None })
+        Ok(Self {
+            pool,
+            writer: None,
+            postgres: !sqlite,
+        })
     }
 
     /// Folds go through `writer`, the embedded database file's single writer (the ledger's):

@@ -13,7 +13,7 @@
 //     where clap derives it from an enum variant (`Serve` -> serve, `Projector` -> projector);
 //     - every env name of gateway/projector except RUST_LOG appears as a whole word in
 //     gateway/src/config.rs or cli/src/**, or is one of the distributed-mode names below;
-//     - the path in the gateway's healthcheck URL is a route string in gateway/src/app.rs.
+//     - the path in the gateway's healthcheck URL is a route string in gateway/src/routes/mod.rs.
 package main
 
 import (
@@ -131,8 +131,8 @@ func main() {
 
 	if g, ok := p.Services["gateway"]; ok && g.HealthCheck != nil {
 		if m := regexp.MustCompile(`https?://[^/\s]+(/\S*)`).FindStringSubmatch(strings.Join(g.HealthCheck.Test, " ")); m != nil {
-			if !strings.Contains(read(filepath.Join(repo, "gateway", "src", "app.rs")), `"`+m[1]+`"`) {
-				fail("service gateway: healthcheck path %s is not a route in gateway/src/app.rs", m[1])
+			if !strings.Contains(read(filepath.Join(repo, "gateway", "src", "routes", "mod.rs")), `"`+m[1]+`"`) {
+				fail("service gateway: healthcheck path %s is not a route in gateway/src/routes/mod.rs", m[1])
 			}
 		}
 	}

@@ -11,6 +11,7 @@ use claw_ledger::{Envelope, Event, RequestServed, TierFallback};
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
+use crate::backends::{distributed_requested, Distributed};
 use crate::fake_anthropic::FakeAnthropic;
 use crate::fake_gemini::FakeGemini;
 use crate::fake_ollama::FakeOllama;
@@ -58,7 +59,11 @@ pub struct TestGateway {
     pub openai: Option<FakeOpenAi>,
     pub anthropic: Option<FakeAnthropic>,
     pub http: reqwest::Client,
+    /// The Kafka topic and PostgreSQL database, when the gateway runs distributed.
+    pub distributed: Option<Distributed>,
     shutdown: Option<oneshot::Sender<()>>,
+    /// Stops the projector service (distributed).
+    projector_shutdown: Option<oneshot::Sender<()>>,
     _data: tempfile::TempDir,
 }
 
@@ -142,6 +147,22 @@ impl TestGateway {
             "--first-byte-timeout-ms",
             "3000",
         ];
+        // Distributed: a fresh topic and database, and the projector service beside the gateway.
+        let distributed = if distributed_requested() {
+            Some(Distributed::fresh().await)
+        } else {
+            None
+        };
+        // Embedded: blank backends, whatever the environment says (clap reads it too).
+        let backend_flags = distributed.as_ref().map_or_else(
+            || {
+                ["--kafka-brokers", "", "--database-url", ""]
+                    .map(String::from)
+                    .to_vec()
+            },
+            Distributed::serve_flags,
+        );
+        args.extend(backend_flags.iter().map(String::as_str));
         args.extend_from_slice(extra);
         let flags = Flags::try_parse_from(args).expect("valid flags");
         let state = claw_gateway::open(flags.serve)
@@ -151,6 +172,19 @@ impl TestGateway {
             .await
             .expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let projector_shutdown = distributed.as_ref().map(|d| {
+            let (stop, stopped) = oneshot::channel::<()>();
+            let config = d.projector_config();
+            tokio::spawn(async move {
+                let stopped = async {
+                    let _ = stopped.await;
+                };
+                if let Err(err) = claw_projector::service::run(config, stopped).await {
+                    panic!("the projector service failed: {err}");
+                }
+            });
+            stop
+        });
         let (tx, rx) = oneshot::channel::<()>();
         let serving = state.clone();
         tokio::spawn(async move {
@@ -168,7 +202,9 @@ impl TestGateway {
             openai: None,
             anthropic: None,
             http: reqwest::Client::new(),
+            distributed,
             shutdown: Some(tx),
+            projector_shutdown,
             _data: data,
         }
     }
@@ -222,23 +258,25 @@ impl TestGateway {
         response.json().await.expect("json")
     }
 
-    /// Every event in the ledger, in order.
+    /// Every event in the ledger, partition by partition, each in order.
     pub async fn events(&self) -> Vec<Envelope> {
         self.state
             .outbox
             .flush(Duration::from_secs(10))
             .await
             .expect("the outbox drains");
-        let head = *self.state.ledger.head().borrow();
-        let limit = usize::try_from(head).unwrap_or(usize::MAX).max(1);
-        self.state
-            .ledger
-            .read(0, limit)
-            .await
-            .expect("ledger reads")
-            .into_iter()
-            .map(|r| r.event)
-            .collect()
+        let reader = &self.state.reader;
+        let ends = reader.ends().await.expect("ledger ends");
+        let mut events = Vec::new();
+        for (partition, end) in ends.iter() {
+            let limit = usize::try_from(end).unwrap_or(usize::MAX).max(1);
+            let page = reader
+                .read(partition, 0, limit)
+                .await
+                .expect("ledger reads");
+            events.extend(page.into_iter().map(|r| r.event));
+        }
+        events
     }
 
     /// The `RequestServed` events, in order.
@@ -281,8 +319,8 @@ impl TestGateway {
             if served.len() >= n || tokio::time::Instant::now() > deadline {
                 return served;
             }
-            let mut head = self.state.ledger.head();
-            let _ = tokio::time::timeout(Duration::from_millis(200), head.changed()).await;
+            let mut appended = self.state.appender.appended();
+            let _ = tokio::time::timeout(Duration::from_millis(200), appended.changed()).await;
         }
     }
 }
@@ -290,6 +328,9 @@ impl TestGateway {
 impl Drop for TestGateway {
     fn drop(&mut self) {
         if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(tx) = self.projector_shutdown.take() {
             let _ = tx.send(());
         }
     }

@@ -12,22 +12,24 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
-use claw_ledger::{format_time, Envelope, Event, KeyCreated, KeyRevoked};
+use claw_ledger::{format_time, Envelope, Event, Frontier, KeyCreated, KeyRevoked, ReaderFeed};
 use claw_projector::{parse_time_bound, KeyRecord, UsageFilter};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::body_or_error;
-use crate::app::AppState;
 use crate::auth::Admin;
 use crate::error::ApiError;
 use crate::keys::{generate_secret, hash_secret};
 use crate::openai::parse_body;
+use crate::state::AppState;
 
 /// Longest a command waits for the projection to show its event.
 const PROJECTION_WAIT: Duration = Duration::from_secs(10);
 /// Events per page when reading the ledger.
 const EVENTS_PAGE: usize = 500;
+/// How often a follower looks for events that other gateways appended.
+const FOLLOW_POLL: Duration = Duration::from_millis(250);
 /// Longest key name accepted.
 const MAX_NAME_CHARS: usize = 200;
 
@@ -41,15 +43,18 @@ fn store_error(err: impl std::fmt::Display) -> ApiError {
 
 /// Appends one command event and waits until the projection (and the key cache) show it.
 async fn command(state: &AppState, event: Envelope) -> Result<(), ApiError> {
-    let offsets = state
-        .ledger
+    let positions = state
+        .appender
         .append(vec![event])
         .await
         .map_err(store_error)?;
-    let offset = offsets.first().copied().unwrap_or_default();
+    let mut target = Frontier::new();
+    for position in positions {
+        target.pass(position);
+    }
     state
         .projector
-        .wait_for(offset, PROJECTION_WAIT)
+        .wait_for(&target, PROJECTION_WAIT)
         .await
         .map_err(store_error)?;
     state.keys.reload().await.map_err(store_error)?;
@@ -214,12 +219,21 @@ pub async fn events(
     if let Err(err) = state.outbox.flush(PROJECTION_WAIT).await {
         tracing::warn!(error = %err, "the events may miss the latest requests");
     }
-    let ledger = state.ledger.clone();
-    let mut head = ledger.head();
+    let reader = state.reader.clone();
+    let mut appended = state.appender.appended();
     let stream = async_stream_lines(move |tx| async move {
-        let mut next = query.from;
+        // Every partition from the same offset `from` (inclusive).
+        let ends = match reader.ends().await {
+            Ok(ends) => ends,
+            Err(err) => {
+                let _ = tx.send(Err(std::io::Error::other(err.to_string()))).await;
+                return;
+            }
+        };
+        let from: Frontier = ends.iter().map(|(p, _)| (p, query.from)).collect();
+        let mut feed = ReaderFeed::new(reader, from);
         loop {
-            let page = match ledger.read(next, EVENTS_PAGE).await {
+            let page = match feed.read_ready(EVENTS_PAGE).await {
                 Ok(page) => page,
                 Err(err) => {
                     let _ = tx.send(Err(std::io::Error::other(err.to_string()))).await;
@@ -232,7 +246,6 @@ pub async fn events(
                 if tx.send(Ok(Bytes::from(line))).await.is_err() {
                     return;
                 }
-                next = rec.offset + 1;
             }
             if page.len() == EVENTS_PAGE {
                 continue;
@@ -240,8 +253,9 @@ pub async fn events(
             if !query.follow {
                 return;
             }
+            // This gateway's own appends wake the follower at once; others' are seen by polling.
             tokio::select! {
-                changed = head.wait_for(|h| *h > next) => if changed.is_err() { return },
+                _ = tokio::time::timeout(FOLLOW_POLL, appended.changed()) => {},
                 () = tx.closed() => return,
             }
         }
@@ -270,7 +284,7 @@ pub async fn audit(
     _: Admin,
     State(state): State<Arc<AppState>>,
 ) -> Result<Json<claw_projector::audit::AuditReport>, ApiError> {
-    let report = claw_projector::audit::audit(state.ledger.as_ref(), &state.store)
+    let report = claw_projector::audit::audit(state.reader.clone(), &state.store, &state.source)
         .await
         .map_err(store_error)?;
     if report.drift > 0 {
@@ -294,8 +308,9 @@ pub async fn status(_: Admin, State(state): State<Arc<AppState>>) -> Json<Value>
     Json(json!({
         "models": models,
         "tiers": state.router.tier_states(),
-        "ledger": {"backend": "sqlite", "head": *state.ledger.head().borrow()},
+        "mode": state.mode,
+        "ledger": {"backend": state.appender.backend(), "appended": state.appender.appended().borrow().clone()},
         "outbox": {"backlog": state.outbox.backlog()},
-        "projection": {"applied": state.projector.applied()},
+        "projection": {"source": state.source, "applied": state.projector.applied()},
     }))
 }

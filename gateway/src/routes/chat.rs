@@ -16,12 +16,13 @@ use futures::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::{body_or_error, check_admin_mode, with_served_by};
-use crate::app::{AppState, RequestId};
 use crate::auth::GatewayKey;
 use crate::error::ApiError;
 use crate::exchange::ChatJob;
 use crate::openai::chat::ChatCompletionRequest;
 use crate::openai::parse_body;
+use crate::routes::RequestId;
+use crate::state::AppState;
 
 /// Frames written to the client in one go at most, when several are ready.
 const FRAMES_PER_WRITE: usize = 32;

@@ -12,12 +12,13 @@ use bytes::Bytes;
 use claw_ledger::Endpoint;
 
 use super::{body_or_error, check_admin_mode, with_served_by};
-use crate::app::{AppState, RequestId};
 use crate::auth::GatewayKey;
 use crate::error::ApiError;
 use crate::exchange::EmbedJob;
 use crate::openai::embeddings::{EmbeddingRequest, EncodingFormat};
 use crate::openai::{encode, parse_body};
+use crate::routes::RequestId;
+use crate::state::AppState;
 
 pub async fn create(
     State(state): State<Arc<AppState>>,

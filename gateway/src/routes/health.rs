@@ -9,14 +9,14 @@ use axum::response::IntoResponse;
 use axum::Json;
 use serde_json::json;
 
-use crate::app::AppState;
+use crate::state::AppState;
 
 pub async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
 pub async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
-    let ledger = state.ledger.ping().await.map_err(|e| e.to_string());
+    let ledger = state.appender.ping().await.map_err(|e| e.to_string());
     let store = state.store.ping().await.map_err(|e| e.to_string());
     let projector_running = state.projector.is_running();
     let ready = ledger.is_ok() && store.is_ok() && projector_running;
@@ -25,11 +25,13 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         "status": if ready { "ready" } else { "not_ready" },
         "ledger": show(&ledger),
         "read_models": show(&store),
+        "mode": state.mode,
         "projector": {
             "state": if projector_running { "running" } else { "stopped" },
             "applied": state.projector.applied(),
-            "head": *state.ledger.head().borrow(),
+            "appended": state.appender.appended().borrow().clone(),
         },
+        "outbox": {"backlog": state.outbox.backlog()},
     });
     let status = if ready {
         StatusCode::OK
@@ -40,10 +42,15 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
 }
 
 pub async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
-    metrics::gauge!("claw_ledger_head")
-        .set(u32::try_from(*state.ledger.head().borrow()).map_or(f64::MAX, f64::from));
-    metrics::gauge!("claw_projection_applied")
-        .set(u32::try_from(state.projector.applied()).map_or(f64::MAX, f64::from));
+    let appended = state.appender.appended().borrow().clone();
+    let applied = state.projector.applied();
+    #[allow(clippy::cast_precision_loss)] // event counts
+    {
+        metrics::gauge!("claw_ledger_appended").set(appended.total() as f64);
+        metrics::gauge!("claw_projection_applied").set(applied.total() as f64);
+        metrics::gauge!("claw_projection_lag_events").set(applied.behind(&appended) as f64);
+        metrics::gauge!("claw_outbox_backlog").set(state.outbox.backlog() as f64);
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),

@@ -7,13 +7,67 @@ pub mod embeddings;
 pub mod health;
 pub mod models;
 
+use std::sync::Arc;
+
 use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::Response;
+use axum::routing::{delete, get, post};
 use bytes::Bytes;
 use claw_ledger::Provider;
+use tower_http::trace::TraceLayer;
 
 use crate::error::ApiError;
+use crate::state::AppState;
+
+/// The gateway's id for the current request.
+#[derive(Clone, Debug)]
+pub struct RequestId(pub String);
+
+/// Gives every response an `x-request-id` (the routed request's own id when it has one).
+async fn request_id(mut request: Request, next: Next) -> Response {
+    let id = RequestId(uuid::Uuid::now_v7().to_string());
+    request.extensions_mut().insert(id.clone());
+    let mut response = next.run(request).await;
+    if !response.headers().contains_key("x-request-id") {
+        if let Ok(value) = HeaderValue::from_str(&id.0) {
+            response.headers_mut().insert("x-request-id", value);
+        }
+    }
+    response
+}
+
+/// All routes.
+pub fn router(state: Arc<AppState>) -> axum::Router {
+    let limit = state.settings.max_body_bytes;
+    axum::Router::new()
+        .route("/v1/chat/completions", post(chat::completions))
+        .route("/v1/embeddings", post(embeddings::create))
+        .route("/v1/models", get(models::list))
+        .route(
+            "/claw/v1/api-keys",
+            get(admin::list_keys).post(admin::create_key),
+        )
+        .route("/claw/v1/api-keys/{id}", delete(admin::revoke_key))
+        .route("/claw/v1/usage", get(admin::usage))
+        .route("/claw/v1/events", get(admin::events))
+        .route("/claw/v1/audit", post(admin::audit))
+        .route("/claw/v1/status", get(admin::status))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
+        .fallback(|| async { ApiError::not_found("Unknown route. The OpenAI API is under /v1.") })
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(
+            limit,
+            crate::unread_body::drain_unread_body,
+        ))
+        .layer(middleware::from_fn(request_id))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
 
 /// The request body, or the OpenAI-shaped error for a body that is too large or unreadable.
 pub fn body_or_error(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, ApiError> {

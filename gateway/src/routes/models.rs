@@ -6,9 +6,9 @@ use axum::extract::State;
 use axum::Json;
 use serde_json::Value;
 
-use crate::app::AppState;
 use crate::auth::GatewayKey;
 use crate::openai::encode;
+use crate::state::AppState;
 
 pub async fn list(State(state): State<Arc<AppState>>, _key: GatewayKey) -> Json<Value> {
     Json(encode::models(&state.router.model_ids(), state.started_at))

@@ -1,5 +1,6 @@
 //! Integration tests of the embedded ledger and the event schemas.
 
+mod kafka;
 mod outbox;
 mod schemas;
 mod sqlite_log;

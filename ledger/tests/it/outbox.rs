@@ -6,15 +6,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use claw_ledger::{Envelope, EventLog, LedgerError, Outbox, Recorded, SqliteLedger};
+use claw_ledger::{
+    Appender, Envelope, Frontier, LedgerError, LedgerReader, Outbox, Position, SqliteLedger,
+};
 use tokio::sync::watch;
 
-async fn ledger(dir: &std::path::Path) -> Arc<dyn EventLog> {
+async fn ledger(dir: &std::path::Path) -> Arc<SqliteLedger> {
     Arc::new(SqliteLedger::open(&dir.join("claw.db")).await.unwrap())
 }
 
-async fn ledger_events(log: &dyn EventLog) -> Vec<Envelope> {
-    log.read(0, usize::MAX)
+async fn ledger_events(log: &SqliteLedger) -> Vec<Envelope> {
+    log.read(0, 0, usize::MAX)
         .await
         .unwrap()
         .into_iter()
@@ -49,14 +51,14 @@ async fn recorded_events_reach_the_ledger_in_order() {
 /// The real SQLite ledger behind a switch: while `down`, every append fails (as when the
 /// disk is full or, distributed, the brokers are unreachable) and is counted.
 struct Unreliable {
-    inner: Arc<dyn EventLog>,
+    inner: Arc<SqliteLedger>,
     down: AtomicBool,
     refused: AtomicUsize,
 }
 
 #[async_trait]
-impl EventLog for Unreliable {
-    async fn append(&self, events: Vec<Envelope>) -> Result<Vec<u64>, LedgerError> {
+impl Appender for Unreliable {
+    async fn append(&self, events: Vec<Envelope>) -> Result<Vec<Position>, LedgerError> {
         if self.down.load(Ordering::SeqCst) {
             self.refused.fetch_add(1, Ordering::SeqCst);
             return Err(LedgerError::Write("injected: the ledger is down".into()));
@@ -64,16 +66,16 @@ impl EventLog for Unreliable {
         self.inner.append(events).await
     }
 
-    async fn read(&self, from: u64, limit: usize) -> Result<Vec<Recorded>, LedgerError> {
-        self.inner.read(from, limit).await
-    }
-
-    fn head(&self) -> watch::Receiver<u64> {
-        self.inner.head()
+    fn appended(&self) -> watch::Receiver<Frontier> {
+        self.inner.appended()
     }
 
     async fn ping(&self) -> Result<(), LedgerError> {
         self.inner.ping().await
+    }
+
+    fn backend(&self) -> &'static str {
+        "unreliable"
     }
 }
 
@@ -170,7 +172,7 @@ async fn reopening_after_a_clean_drain_appends_nothing_twice() {
     let _again = Outbox::open(dir.path(), log.clone()).await.unwrap();
     let _third = Outbox::open(dir.path(), log.clone()).await.unwrap();
     assert_eq!(ledger_events(log.as_ref()).await, events);
-    assert_eq!(*log.head().borrow(), 4);
+    assert_eq!(log.appended().borrow().next(0), 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -195,9 +197,9 @@ async fn segments_take_turns_and_stay_their_preallocated_size() {
         let len = std::fs::metadata(dir.path().join(segment)).unwrap().len();
         assert_eq!(len, 8 << 20, "{segment} grew");
     }
-    let in_ledger = *log.head().borrow();
+    let in_ledger = log.appended().borrow().next(0);
     drop(outbox);
     // Nothing was lost or doubled by the switches: a reopen finds the ledger complete.
     let _again = Outbox::open(dir.path(), log.clone()).await.unwrap();
-    assert_eq!(*log.head().borrow(), in_ledger);
+    assert_eq!(log.appended().borrow().next(0), in_ledger);
 }

@@ -2,7 +2,11 @@
 
 use std::time::Duration;
 
-use claw_ledger::{EventLog, SqliteLedger};
+use claw_ledger::{Appender, LedgerReader, Position, SqliteLedger};
+
+fn at(offsets: &[u64]) -> Vec<Position> {
+    offsets.iter().map(|o| Position::new(0, *o)).collect()
+}
 
 #[tokio::test]
 async fn appends_are_read_back_in_order_from_any_offset() {
@@ -12,10 +16,10 @@ async fn appends_are_read_back_in_order_from_any_offset() {
         .unwrap();
     let events = crate::sample_events("k1");
     let offsets = log.append(events.clone()).await.unwrap();
-    assert_eq!(offsets, vec![0, 1, 2, 3]);
-    assert_eq!(*log.head().borrow(), 4);
+    assert_eq!(offsets, at(&[0, 1, 2, 3]));
+    assert_eq!(log.appended().borrow().next(0), 4);
 
-    let all = log.read(0, 100).await.unwrap();
+    let all = log.read(0, 0, 100).await.unwrap();
     assert_eq!(
         all.iter().map(|r| r.offset).collect::<Vec<_>>(),
         vec![0, 1, 2, 3]
@@ -24,7 +28,7 @@ async fn appends_are_read_back_in_order_from_any_offset() {
         all.iter().map(|r| r.event.clone()).collect::<Vec<_>>(),
         events
     );
-    let tail = log.read(2, 1).await.unwrap();
+    let tail = log.read(0, 2, 1).await.unwrap();
     assert_eq!(tail.len(), 1);
     assert_eq!(tail[0].offset, 2);
     assert_eq!(tail[0].event, events[2]);
@@ -39,8 +43,8 @@ async fn the_same_event_id_is_stored_once() {
     let events = crate::sample_events("k1");
     log.append(events[..2].to_vec()).await.unwrap();
     let again = log.append(events[1..3].to_vec()).await.unwrap();
-    assert_eq!(again, vec![1, 2], "a redelivered event keeps its offset");
-    assert_eq!(log.read(0, 100).await.unwrap().len(), 3);
+    assert_eq!(again, at(&[1, 2]), "a redelivered event keeps its offset");
+    assert_eq!(log.read(0, 0, 100).await.unwrap().len(), 3);
 }
 
 #[tokio::test]
@@ -53,9 +57,9 @@ async fn events_survive_reopening() {
         log.append(events.clone()).await.unwrap();
     }
     let log = SqliteLedger::open(&path).await.unwrap();
-    assert_eq!(*log.head().borrow(), 4);
+    assert_eq!(log.appended().borrow().next(0), 4);
     let back: Vec<_> = log
-        .read(0, 10)
+        .read(0, 0, 10)
         .await
         .unwrap()
         .into_iter()
@@ -79,6 +83,7 @@ async fn concurrent_appends_are_group_committed_without_loss() {
             log.append(crate::sample_events(&format!("k{i}"))[1..2].to_vec())
                 .await
                 .unwrap()[0]
+                .offset
         }));
     }
     let mut offsets = Vec::new();
@@ -97,7 +102,7 @@ async fn followers_are_woken_by_new_appends() {
             .await
             .unwrap(),
     );
-    let mut head = log.head();
+    let mut head = log.appended();
     let writer = log.clone();
     tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -106,7 +111,7 @@ async fn followers_are_woken_by_new_appends() {
             .await
             .unwrap();
     });
-    tokio::time::timeout(Duration::from_secs(5), head.wait_for(|h| *h == 1))
+    tokio::time::timeout(Duration::from_secs(5), head.wait_for(|h| h.next(0) == 1))
         .await
         .expect("follower woken within deadline")
         .unwrap();
@@ -136,5 +141,5 @@ async fn the_write_ahead_log_starts_over_under_steady_appends() {
         wal_bytes < frames_written * 4096 / 2,
         "{wal_bytes} bytes of log after {appended} commits"
     );
-    assert_eq!(log.read(0, usize::MAX).await.unwrap().len(), appended);
+    assert_eq!(log.read(0, 0, usize::MAX).await.unwrap().len(), appended);
 }

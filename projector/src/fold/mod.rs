@@ -16,7 +16,7 @@ pub mod on_writer;
 use std::collections::{BTreeMap, HashSet};
 use std::hash::BuildHasher;
 
-use claw_ledger::{format_time, Event, Recorded, RequestServed};
+use claw_ledger::{format_time, Event, Frontier, Recorded, RequestServed};
 use rust_decimal::prelude::ToPrimitive;
 use rust_decimal::Decimal;
 
@@ -219,7 +219,8 @@ pub fn claims(batch: &[Recorded]) -> Vec<Statement> {
 }
 
 /// The statements that fold the events of `batch` whose ids are in `fresh` (the claims'
-/// answer) and record that `source`'s next offset is one past the batch's last.
+/// answer) and record, for each partition in it, that `source`'s next offset there is one
+/// past the batch's last event of that partition.
 pub fn plan<S: BuildHasher>(
     source: &str,
     batch: &[Recorded],
@@ -227,9 +228,6 @@ pub fn plan<S: BuildHasher>(
 ) -> (Vec<Statement>, FoldOutcome) {
     let mut outcome = FoldOutcome::default();
     let mut statements = Vec::new();
-    let Some(last) = batch.last() else {
-        return (statements, outcome);
-    };
     let mut served = Vec::new();
     for rec in batch {
         let env = &rec.event;
@@ -278,15 +276,24 @@ pub fn plan<S: BuildHasher>(
         }
     }
     plan_served(&served, &mut statements);
-    statements.push(
-        Statement::new(
-            "INSERT INTO projector_offsets (source, ledger_partition, next_offset) VALUES ($1, $2, $3)
-             ON CONFLICT (source, ledger_partition) DO UPDATE SET next_offset = excluded.next_offset",
-        )
-        .bind(source)
-        .bind(i64::from(last.partition))
-        .bind(int(last.offset + 1)),
-    );
+    // Each partition's next offset, only ever moved forward (a redelivered older batch, or
+    // another projector instance that was behind, cannot move it back).
+    let mut reached = Frontier::new();
+    for rec in batch {
+        reached.pass(rec.position());
+    }
+    for (partition, next) in reached.iter() {
+        statements.push(
+            Statement::new(
+                "INSERT INTO projector_offsets (source, ledger_partition, next_offset) VALUES ($1, $2, $3)
+                 ON CONFLICT (source, ledger_partition) DO UPDATE SET next_offset = excluded.next_offset
+                 WHERE projector_offsets.next_offset < excluded.next_offset",
+            )
+            .bind(source)
+            .bind(i64::from(partition))
+            .bind(int(next)),
+        );
+    }
     (statements, outcome)
 }
 
@@ -361,8 +368,8 @@ fn plan_served(served: &[Served<'_>], statements: &mut Vec<Statement>) {
 }
 
 impl ReadModels {
-    /// Folds `batch` (all from one `source`/`partition`, in offset order) and records that the
-    /// next offset to apply is one past the last.
+    /// Folds `batch` (from one `source`, each partition in offset order) and records, per
+    /// partition, that the next offset to apply is one past its last event.
     pub async fn fold_batch(
         &self,
         source: &str,
@@ -374,7 +381,7 @@ impl ReadModels {
         let started = std::time::Instant::now();
         let outcome = match &self.writer {
             Some(writer) => on_writer::fold(writer, source, batch).await?,
-            None => on_sqlx::fold(&self.pool, source, batch).await?,
+            None => on_sqlx::fold(&self.pool, self.postgres, source, batch).await?,
         };
         metrics::histogram!("claw_projector_fold_seconds").record(started.elapsed().as_secs_f64());
         #[allow(clippy::cast_precision_loss)]

@@ -5,10 +5,29 @@ use std::time::Duration;
 
 use chrono::{TimeZone, Utc};
 use claw_ledger::{
-    Endpoint, Envelope, Event, EventLog, KeyCreated, KeyRevoked, Provider, Recorded, RequestServed,
-    SqliteLedger, Tier,
+    Appender, Endpoint, Envelope, Event, Frontier, KeyCreated, KeyRevoked, Position, Provider,
+    Recorded, RequestServed, SqliteLedger, Tier,
 };
-use claw_projector::{audit::audit, Projector, ReadModels, UsageFilter};
+use claw_projector::{
+    audit::audit, Projector, ProjectorHandle, ReadModels, UsageFilter, EMBEDDED_SOURCE,
+};
+
+/// The frontier just past `position`.
+fn past(position: Position) -> Frontier {
+    let mut f = Frontier::new();
+    f.pass(position);
+    f
+}
+
+/// The embedded projector over `log`, running.
+async fn follow(log: &Arc<SqliteLedger>, store: &ReadModels) -> ProjectorHandle {
+    Projector::embedded(log.clone(), log.appended(), store.clone())
+        .await
+        .unwrap()
+        .spawn()
+        .await
+        .unwrap()
+}
 
 fn created(key_id: &str, name: &str) -> Envelope {
     Envelope::new(
@@ -62,7 +81,7 @@ fn served(
 }
 
 /// The embedded pair: the ledger and the read models in one file, folds through its writer.
-async fn embedded(path: &std::path::Path) -> (Arc<dyn EventLog>, ReadModels) {
+async fn embedded(path: &std::path::Path) -> (Arc<SqliteLedger>, ReadModels) {
     let ledger = SqliteLedger::open(path).await.unwrap();
     let store = ReadModels::open_sqlite(path)
         .await
@@ -199,10 +218,7 @@ async fn the_runner_follows_the_ledger_and_audit_finds_no_drift_then_detects_tam
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("claw.db");
     let (log, store) = embedded(&path).await;
-    let handle = Projector::new(log.clone(), store.clone())
-        .spawn()
-        .await
-        .unwrap();
+    let handle = follow(&log, &store).await;
     let key_changes = handle.key_changes();
 
     let offsets = log
@@ -213,7 +229,7 @@ async fn the_runner_follows_the_ledger_and_audit_finds_no_drift_then_detects_tam
         .await
         .unwrap();
     handle
-        .wait_for(offsets[1], Duration::from_secs(10))
+        .wait_for(&past(offsets[1]), Duration::from_secs(10))
         .await
         .unwrap();
     assert!(key_changes.has_changed().unwrap());
@@ -227,7 +243,7 @@ async fn the_runner_follows_the_ledger_and_audit_finds_no_drift_then_detects_tam
         7
     );
 
-    let report = audit(log.as_ref(), &store).await.unwrap();
+    let report = audit(log.clone(), &store, EMBEDDED_SOURCE).await.unwrap();
     assert_eq!(report.events, 2);
     assert_eq!(report.drift, 0, "{report:?}");
     assert_eq!(report.keys[0].total_tokens, 7);
@@ -240,7 +256,7 @@ async fn the_runner_follows_the_ledger_and_audit_finds_no_drift_then_detects_tam
         .execute(&pool)
         .await
         .unwrap();
-    let report = audit(log.as_ref(), &store).await.unwrap();
+    let report = audit(log.clone(), &store, EMBEDDED_SOURCE).await.unwrap();
     assert_eq!(report.drift, 1);
     assert!(
         report.keys[0].drift[0].starts_with("total_tokens"),
@@ -254,10 +270,7 @@ async fn a_restarted_projector_resumes_from_its_offset_without_recounting() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("claw.db");
     let (log, store) = embedded(&path).await;
-    let first = Projector::new(log.clone(), store.clone())
-        .spawn()
-        .await
-        .unwrap();
+    let first = follow(&log, &store).await;
     let o = log
         .append(vec![
             created("k1", "a"),
@@ -265,20 +278,20 @@ async fn a_restarted_projector_resumes_from_its_offset_without_recounting() {
         ])
         .await
         .unwrap();
-    first.wait_for(o[1], Duration::from_secs(10)).await.unwrap();
-    drop(first);
-
-    let second = Projector::new(log.clone(), store.clone())
-        .spawn()
+    first
+        .wait_for(&past(o[1]), Duration::from_secs(10))
         .await
         .unwrap();
-    assert_eq!(second.applied(), 2);
+    drop(first);
+
+    let second = follow(&log, &store).await;
+    assert_eq!(second.applied().next(0), 2);
     let o = log
         .append(vec![served("k1", Tier::Local, "m", 1, 1, "0")])
         .await
         .unwrap();
     second
-        .wait_for(o[0], Duration::from_secs(10))
+        .wait_for(&past(o[0]), Duration::from_secs(10))
         .await
         .unwrap();
     assert_eq!(
@@ -380,7 +393,7 @@ async fn a_failing_fold_on_the_writer_rolls_back_and_the_ledger_keeps_appending(
     let offsets = log.append(events).await.unwrap();
     assert_eq!(
         offsets,
-        vec![0, 1],
+        vec![Position::new(0, 0), Position::new(0, 1)],
         "the ledger does not depend on the projection"
     );
 }

@@ -1147,6 +1147,9 @@ fn start_gateway(
     let mut cmd = Command::new(bin_dir.join("nself"));
     cmd.args(["claw", "serve"])
         .current_dir(data)
+        // Embedded: the bench measures the embedded gateway unless told otherwise.
+        .env_remove("CLAW_KAFKA_BROKERS")
+        .env_remove("CLAW_DATABASE_URL")
         .env("CLAW_LISTEN", &addr)
         .env("CLAW_DATA_DIR", data.join("data"))
         .env("PLUGIN_INTERNAL_SECRET", secret)

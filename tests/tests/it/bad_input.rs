@@ -37,7 +37,7 @@ async fn malformed_requests_are_400_and_leave_no_trace() {
     let gw = TestGateway::start().await;
     let (_, key) = gw.create_key("app", 1000, false).await;
     gw.settle().await;
-    let head = *gw.state.ledger.head().borrow();
+    let head = gw.state.appender.appended().borrow().total();
     let cases = [
         ("{not json", None),
         ("", None),
@@ -73,7 +73,7 @@ async fn malformed_requests_are_400_and_leave_no_trace() {
         assert_eq!(error["error"]["param"].as_str(), param, "{body}: {error}");
     }
     assert_eq!(
-        *gw.state.ledger.head().borrow(),
+        gw.state.appender.appended().borrow().total(),
         head,
         "nothing was written to the ledger"
     );
@@ -84,7 +84,7 @@ async fn malformed_requests_are_400_and_leave_no_trace() {
 async fn unknown_models_are_404_model_not_found() {
     let gw = TestGateway::start().await;
     let (_, key) = gw.create_key("app", 60, false).await;
-    let head = *gw.state.ledger.head().borrow();
+    let head = gw.state.appender.appended().borrow().total();
     let error = refused(
         &gw,
         Some(&key),
@@ -94,7 +94,7 @@ async fn unknown_models_are_404_model_not_found() {
     )
     .await;
     assert_eq!(error["error"]["param"], "model");
-    assert_eq!(*gw.state.ledger.head().borrow(), head);
+    assert_eq!(gw.state.appender.appended().borrow().total(), head);
 }
 
 #[tokio::test]

@@ -1,27 +1,20 @@
-//! The running gateway: its shared state, the HTTP routes, and the wiring that opens the
-//! embedded ledger and read models, starts the projector and serves until shut down.
+//! Start-up: opens the ledger and read models of the configured mode (embedded: one SQLite
+//! file and an in-process projector; distributed: Kafka and PostgreSQL, the projector being
+//! its own service), the outbox, the key cache and the tiers, then serves until shut down.
 
 use std::io;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
 
-use axum::extract::{DefaultBodyLimit, Request};
-use axum::http::HeaderValue;
-use axum::middleware::{self, Next};
-use axum::response::Response;
-use axum::routing::{delete, get, post};
-use claw_ledger::{Endpoint, EventLog, Outbox, SqliteLedger, Tier};
-use claw_projector::{Projector, ProjectorHandle, ReadModels};
+use claw_ledger::kafka::KafkaLedger;
+use claw_ledger::{Appender, LedgerReader, Outbox, SqliteLedger, Tier};
+use claw_projector::watch::follow_postgres;
+use claw_projector::{Projector, ProjectorHandle, ReadModels, EMBEDDED_SOURCE};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use rand::distr::{Alphanumeric, SampleString};
-use tower_http::trace::TraceLayer;
 
-use crate::accounting::RequestRecord;
 use crate::capacity::Capacity;
 use crate::config::ServeArgs;
-use crate::error::ApiError;
-use crate::exchange::ExchangeDeps;
 use crate::keys::KeyCache;
 use crate::pricing::{PriceError, PriceTable};
 use crate::providers::anthropic::Anthropic;
@@ -30,79 +23,10 @@ use crate::providers::ollama::Ollama;
 use crate::providers::openai::OpenAi;
 use crate::router::{Backend, ModelChoices, Router};
 use crate::routes;
+use crate::state::AppState;
 
 /// How long in-flight requests may run after a shutdown signal.
 pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
-
-/// What every handler can reach.
-pub struct AppState {
-    pub settings: ServeArgs,
-    pub ledger: Arc<dyn EventLog>,
-    /// Requests' facts on their way to the ledger.
-    pub outbox: Outbox,
-    pub store: ReadModels,
-    pub projector: ProjectorHandle,
-    pub keys: Arc<KeyCache>,
-    pub router: Arc<Router>,
-    /// The admin credential for `/claw/v1`.
-    pub admin_token: String,
-    /// This instance's name in the ledger's `producer` field.
-    pub producer: String,
-    pub metrics: PrometheusHandle,
-    /// What paid models cost.
-    pub prices: Arc<PriceTable>,
-    /// Unix seconds at start, shown as `created` of listed models.
-    pub started_at: i64,
-}
-
-impl AppState {
-    /// A fresh accounting record for a request that passed auth and validation.
-    pub fn request_record(
-        &self,
-        key_id: &str,
-        request_id: String,
-        endpoint: Endpoint,
-        model_requested: &str,
-        stream: bool,
-        started: Instant,
-    ) -> RequestRecord {
-        RequestRecord {
-            request_id,
-            key_id: key_id.to_owned(),
-            producer: self.producer.clone(),
-            endpoint,
-            model_requested: model_requested.to_owned(),
-            stream,
-            started,
-            fallbacks: Vec::new(),
-        }
-    }
-
-    /// Waits (up to `deadline`) until every request answered so far is in the ledger and
-    /// folded into the read models, so that what an admin reads next includes them.
-    pub async fn caught_up(&self, deadline: Duration) -> Result<(), String> {
-        self.outbox
-            .flush(deadline)
-            .await
-            .map_err(|e| e.to_string())?;
-        let head = *self.ledger.head().borrow();
-        if head > 0 {
-            self.projector
-                .wait_for(head - 1, deadline)
-                .await
-                .map_err(|e| e.to_string())?;
-        }
-        Ok(())
-    }
-
-    pub fn exchange_deps(&self) -> ExchangeDeps {
-        ExchangeDeps {
-            prices: self.prices.clone(),
-            outbox: self.outbox.clone(),
-            idle_timeout: self.settings.timeouts().first_byte,
-        }
-    }
-}
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -120,7 +44,7 @@ pub enum StartError {
     #[error(transparent)]
     Prices(#[from] PriceError),
     #[error("{0}")]
-    Unsupported(String),
+    Config(String),
 }
 
 /// The process-wide Prometheus recorder (metrics are global; tests build several apps).
@@ -262,30 +186,78 @@ fn tiers(settings: &ServeArgs, timeouts: crate::config::Timeouts) -> Result<Rout
     ))
 }
 
-/// Opens everything the gateway needs (embedded mode) and returns its state.
+/// The ledger and read models of one mode, and how the gateway follows the projection.
+struct Backends {
+    appender: Arc<dyn Appender>,
+    reader: Arc<dyn LedgerReader>,
+    store: ReadModels,
+    projector: ProjectorHandle,
+    source: String,
+    mode: &'static str,
+}
+
+/// Embedded: ledger and read models in one SQLite file, the projector a task in this process.
+async fn embedded(settings: &ServeArgs) -> Result<Backends, StartError> {
+    let db = settings.database_file();
+    let log = Arc::new(SqliteLedger::open(&db).await?);
+    let store = ReadModels::open_sqlite(&db)
+        .await?
+        .with_writer(log.writer());
+    let projector = Projector::embedded(log.clone(), log.appended(), store.clone())
+        .await?
+        .spawn()
+        .await?;
+    Ok(Backends {
+        appender: log.clone(),
+        reader: log,
+        store,
+        projector,
+        source: EMBEDDED_SOURCE.to_owned(),
+        mode: "embedded",
+    })
+}
+
+/// Distributed: the Kafka ledger and PostgreSQL read models, folded by `nself claw projector`
+/// (another process); this gateway follows the projection through its change notices.
+async fn distributed(
+    settings: &ServeArgs,
+    brokers: &str,
+    database_url: &str,
+    producer: &str,
+) -> Result<Backends, StartError> {
+    let log = Arc::new(KafkaLedger::open(settings.kafka_config(brokers, producer)).await?);
+    let store = ReadModels::open_postgres(database_url).await?;
+    let projector = follow_postgres(store.clone(), database_url, &settings.kafka_topic).await?;
+    Ok(Backends {
+        appender: log.clone(),
+        reader: log,
+        store,
+        projector,
+        source: settings.kafka_topic.clone(),
+        mode: "distributed",
+    })
+}
+
+/// Opens everything the gateway needs in the configured mode and returns its state.
 pub async fn open(settings: ServeArgs) -> Result<Arc<AppState>, StartError> {
-    if settings.kafka_brokers.is_some() || settings.database_url.is_some() {
-        return Err(StartError::Unsupported(
-            "CLAW_KAFKA_BROKERS / CLAW_DATABASE_URL are set, but distributed mode (Kafka ledger, PostgreSQL read models) is not available in this build yet; unset them to run embedded.".into(),
-        ));
-    }
     std::fs::create_dir_all(&settings.data_dir).map_err(|source| StartError::DataDir {
         path: settings.data_dir.display().to_string(),
         source,
     })?;
     let admin_token = internal_secret(&settings)?;
-    let db = settings.database_file();
-    let embedded = SqliteLedger::open(&db).await?;
-    let store = ReadModels::open_sqlite(&db)
-        .await?
-        .with_writer(embedded.writer());
-    let ledger: Arc<dyn EventLog> = Arc::new(embedded);
-    let outbox = Outbox::open(&settings.data_dir, ledger.clone()).await?;
-    let projector = Projector::new(ledger.clone(), store.clone())
-        .spawn()
-        .await?;
-    let keys = KeyCache::load(store.clone()).await?;
-    keys.follow(projector.key_changes());
+    let producer = producer_name();
+    let backends = match settings.distributed()? {
+        Some((brokers, database_url)) => {
+            distributed(&settings, brokers, database_url, &producer).await?
+        }
+        None => embedded(&settings).await?,
+    };
+    let outbox = Outbox::open(&settings.data_dir, backends.appender.clone()).await?;
+    let keys = KeyCache::load(backends.store.clone()).await?;
+    keys.follow(backends.projector.key_changes());
+    if backends.mode == "distributed" {
+        crate::cluster::join(backends.store.clone(), producer.clone(), &keys);
+    }
     let timeouts = settings.timeouts();
     let router = Arc::new(tiers(&settings, timeouts)?);
     let prices = Arc::new(PriceTable::load(settings.prices_file.as_deref())?);
@@ -293,65 +265,21 @@ pub async fn open(settings: ServeArgs) -> Result<Arc<AppState>, StartError> {
     router.follow_models();
     Ok(Arc::new(AppState {
         settings,
-        ledger,
+        appender: backends.appender,
+        reader: backends.reader,
         outbox,
-        store,
-        projector,
+        store: backends.store,
+        projector: backends.projector,
+        source: backends.source,
+        mode: backends.mode,
         keys,
         router,
         admin_token,
-        producer: producer_name(),
+        producer,
         metrics: metrics_handle(),
         prices,
         started_at: chrono::Utc::now().timestamp(),
     }))
-}
-
-/// Gives every response an `x-request-id` (the routed request's own id when it has one).
-async fn request_id(mut request: Request, next: Next) -> Response {
-    let id = RequestId(uuid::Uuid::now_v7().to_string());
-    request.extensions_mut().insert(id.clone());
-    let mut response = next.run(request).await;
-    if !response.headers().contains_key("x-request-id") {
-        if let Ok(value) = HeaderValue::from_str(&id.0) {
-            response.headers_mut().insert("x-request-id", value);
-        }
-    }
-    response
-}
-
-/// The gateway's id for the current request.
-#[derive(Clone, Debug)]
-pub struct RequestId(pub String);
-
-/// All routes.
-pub fn routes(state: Arc<AppState>) -> axum::Router {
-    let limit = state.settings.max_body_bytes;
-    axum::Router::new()
-        .route("/v1/chat/completions", post(routes::chat::completions))
-        .route("/v1/embeddings", post(routes::embeddings::create))
-        .route("/v1/models", get(routes::models::list))
-        .route(
-            "/claw/v1/api-keys",
-            get(routes::admin::list_keys).post(routes::admin::create_key),
-        )
-        .route("/claw/v1/api-keys/{id}", delete(routes::admin::revoke_key))
-        .route("/claw/v1/usage", get(routes::admin::usage))
-        .route("/claw/v1/events", get(routes::admin::events))
-        .route("/claw/v1/audit", post(routes::admin::audit))
-        .route("/claw/v1/status", get(routes::admin::status))
-        .route("/healthz", get(routes::health::healthz))
-        .route("/readyz", get(routes::health::readyz))
-        .route("/metrics", get(routes::health::metrics))
-        .fallback(|| async { ApiError::not_found("Unknown route. The OpenAI API is under /v1.") })
-        .layer(DefaultBodyLimit::max(limit))
-        .layer(middleware::from_fn_with_state(
-            limit,
-            crate::unread_body::drain_unread_body,
-        ))
-        .layer(middleware::from_fn(request_id))
-        .layer(TraceLayer::new_for_http())
-        .with_state(state)
 }
 
 /// Serves `state` on its configured address until Ctrl-C or SIGTERM, then lets in-flight
@@ -365,7 +293,7 @@ pub async fn serve(state: Arc<AppState>) -> Result<(), StartError> {
             source,
         })?;
     let addr = listener.local_addr().unwrap_or(addr);
-    tracing::info!(%addr, data_dir = %state.settings.data_dir.display(), "ɳClaw gateway listening (embedded mode)");
+    tracing::info!(%addr, mode = state.mode, ledger = state.appender.backend(), source = %state.source, data_dir = %state.settings.data_dir.display(), "ɳClaw gateway listening");
     let (stopping_tx, mut stopping) = tokio::sync::watch::channel(false);
     let signal = async move {
         shutdown_signal().await;
@@ -405,13 +333,14 @@ pub async fn serve_on(
             tracing::debug!(error = %err, "could not set TCP_NODELAY");
         }
     });
-    axum::serve(listener, routes(state))
+    axum::serve(listener, routes::router(state))
         .with_graceful_shutdown(shutdown)
         .await
         .map_err(|source| StartError::Listen { addr, source })
 }
 
-async fn shutdown_signal() {
+/// Completes on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };

@@ -1,0 +1,92 @@
+//! The gateway's shared state: what every handler can reach (settings, the ledger's two sides,
+//! the outbox, the read models and the projection's progress, the key cache, the tiers).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use claw_ledger::{Appender, Endpoint, LedgerReader, Outbox};
+use claw_projector::{ProjectorHandle, ReadModels};
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::accounting::RequestRecord;
+use crate::config::ServeArgs;
+use crate::exchange::ExchangeDeps;
+use crate::keys::KeyCache;
+use crate::pricing::PriceTable;
+use crate::router::Router;
+
+/// What every handler can reach.
+pub struct AppState {
+    pub settings: ServeArgs,
+    /// Where facts are appended (the outbox drains into it; commands append directly).
+    pub appender: Arc<dyn Appender>,
+    /// The ledger read back (events, audits).
+    pub reader: Arc<dyn LedgerReader>,
+    /// Requests' facts on their way to the ledger.
+    pub outbox: Outbox,
+    pub store: ReadModels,
+    /// How far the projection has folded: the in-process projector (embedded) or the
+    /// read models' change notices (distributed).
+    pub projector: ProjectorHandle,
+    /// The projection's name for this ledger (its offsets are stored under it).
+    pub source: String,
+    /// `embedded` or `distributed`.
+    pub mode: &'static str,
+    pub keys: Arc<KeyCache>,
+    pub router: Arc<Router>,
+    /// The admin credential for `/claw/v1`.
+    pub admin_token: String,
+    /// This instance's name in the ledger's `producer` field.
+    pub producer: String,
+    pub metrics: PrometheusHandle,
+    /// What paid models cost.
+    pub prices: Arc<PriceTable>,
+    /// Unix seconds at start, shown as `created` of listed models.
+    pub started_at: i64,
+}
+
+impl AppState {
+    /// A fresh accounting record for a request that passed auth and validation.
+    pub fn request_record(
+        &self,
+        key_id: &str,
+        request_id: String,
+        endpoint: Endpoint,
+        model_requested: &str,
+        stream: bool,
+        started: Instant,
+    ) -> RequestRecord {
+        RequestRecord {
+            request_id,
+            key_id: key_id.to_owned(),
+            producer: self.producer.clone(),
+            endpoint,
+            model_requested: model_requested.to_owned(),
+            stream,
+            started,
+            fallbacks: Vec::new(),
+        }
+    }
+
+    /// Waits (up to `deadline`) until every request this gateway answered so far is in the
+    /// ledger and folded into the read models, so that what an admin reads next includes them.
+    pub async fn caught_up(&self, deadline: Duration) -> Result<(), String> {
+        self.outbox
+            .flush(deadline)
+            .await
+            .map_err(|e| e.to_string())?;
+        let appended = self.appender.appended().borrow().clone();
+        self.projector
+            .wait_for(&appended, deadline)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    pub fn exchange_deps(&self) -> ExchangeDeps {
+        ExchangeDeps {
+            prices: self.prices.clone(),
+            outbox: self.outbox.clone(),
+            idle_timeout: self.settings.timeouts().first_byte,
+        }
+    }
+}
