@@ -231,7 +231,10 @@ pub async fn test(
             println!("  {m}");
         }
         match client.json(client.get("/claw/v1/status")).await {
-            Ok(status) => output::tiers(status["tiers"].as_array().map_or(&[][..], Vec::as_slice)),
+            Ok(status) => {
+                output::tiers(status["tiers"].as_array().map_or(&[][..], Vec::as_slice));
+                output::backends(&status);
+            }
             Err(err) => println!("Tiers: unavailable ({err})"),
         }
     }

@@ -183,6 +183,20 @@ pub fn tiers(tiers: &[Value]) {
     }
 }
 
+/// The ledger and projection lines of `api test --verbose`.
+pub fn backends(status: &Value) {
+    line(&format!(
+        "Ledger: {} ({} mode), outbox backlog {}",
+        cell(&status["ledger"]["backend"]),
+        cell(&status["mode"]),
+        cell(&status["outbox"]["backlog"])
+    ));
+    line(&format!(
+        "Projection: {} events behind the ledger",
+        cell(&status["projection"]["lag_events"])
+    ));
+}
+
 pub fn event(record: &Value) {
     let e = &record["event"];
     let data = &e["data"];

@@ -105,6 +105,12 @@ impl Projector {
             if pending.is_empty() {
                 pending = match self.feed.next_batch(self.batch).await {
                     Ok(batch) => batch,
+                    Err(LedgerError::Closed) => {
+                        tracing::error!(
+                            "the projector's ledger feed has closed; the projector stops"
+                        );
+                        return;
+                    }
                     Err(err) => {
                         tracing::error!(error = %err, "projector could not read the ledger; retrying");
                         tokio::time::sleep(backoff).await;
@@ -214,5 +220,11 @@ impl ProjectorHandle {
     /// Whether the loop is still running.
     pub fn is_running(&self) -> bool {
         !self.task.is_finished()
+    }
+
+    /// Completes when the loop has stopped (its feed closed).
+    pub async fn stopped(&self) {
+        let mut applied = self.applied.clone();
+        while applied.changed().await.is_ok() {}
     }
 }

@@ -6,6 +6,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use claw_ledger::kafka::{KafkaConfig, KafkaLedger};
 
@@ -15,6 +16,9 @@ use crate::store::{ReadModels, StoreError};
 /// Events folded per PostgreSQL transaction at most: a fold is a handful of multi-row
 /// statements whatever its size, so bigger batches mean fewer round trips per event.
 pub const SERVICE_BATCH: usize = 1024;
+
+/// Longest pause before joining the group again after a membership ended.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 /// What the projector service needs.
 #[derive(Debug, Clone)]
@@ -27,7 +31,8 @@ pub struct ServiceConfig {
     pub database_url: String,
 }
 
-/// Runs the projector until `shutdown` completes.
+/// Runs the projector until `shutdown` completes. A group membership that ends (its feed
+/// closed, e.g. the read models stayed unreachable through a rebalance) is started afresh.
 pub async fn run(
     config: ServiceConfig,
     shutdown: impl Future<Output = ()>,
@@ -35,16 +40,28 @@ pub async fn run(
     let store = ReadModels::open_postgres(&config.database_url).await?;
     let source = config.kafka.topic.clone();
     let ledger = KafkaLedger::open(config.kafka).await?;
-    let start = Arc::new(StoredStart {
-        store: store.clone(),
-        source: source.clone(),
-    });
-    let feed = ledger.group_feed(&config.group, start)?;
-    let handle = Projector::new(Box::new(feed), store, &source, SERVICE_BATCH)
-        .spawn()
-        .await?;
-    tracing::info!(topic = %source, group = %config.group, "projector folding the Kafka ledger into PostgreSQL");
-    shutdown.await;
-    tracing::info!(applied = ?handle.applied(), "projector stopping");
-    Ok(())
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let start = Arc::new(StoredStart {
+            store: store.clone(),
+            source: source.clone(),
+        });
+        let feed = ledger.group_feed(&config.group, start)?;
+        let handle = Projector::new(Box::new(feed), store.clone(), &source, SERVICE_BATCH)
+            .spawn()
+            .await?;
+        tracing::info!(topic = %source, group = %config.group, "projector folding the Kafka ledger into PostgreSQL");
+        tokio::select! {
+            () = &mut shutdown => {
+                tracing::info!(applied = ?handle.applied(), "projector stopping");
+                return Ok(());
+            }
+            () = handle.stopped() => {
+                tracing::warn!(retry_in = ?backoff, "the projector's group membership ended; joining again");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
 }

@@ -305,12 +305,18 @@ pub async fn status(_: Admin, State(state): State<Arc<AppState>>) -> Json<Value>
         .into_iter()
         .map(|(id, _)| id)
         .collect();
+    let appended = state.appender.appended().borrow().clone();
+    let applied = state.projector.applied();
+    // The ledger's ends, as the brokers see them: lag counts every gateway's events.
+    let ends = state.reader.ends().await;
+    let lag = applied.behind(ends.as_ref().unwrap_or(&appended));
+    let ends = ends.map_or_else(|err| json!({"error": err.to_string()}), |e| json!(e));
     Json(json!({
         "models": models,
         "tiers": state.router.tier_states(),
         "mode": state.mode,
-        "ledger": {"backend": state.appender.backend(), "appended": state.appender.appended().borrow().clone()},
+        "ledger": {"backend": state.appender.backend(), "ends": ends, "appended_here": appended},
         "outbox": {"backlog": state.outbox.backlog()},
-        "projection": {"source": state.source, "applied": state.projector.applied()},
+        "projection": {"source": state.source, "applied": applied, "lag_events": lag},
     }))
 }

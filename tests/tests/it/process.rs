@@ -434,6 +434,11 @@ async fn api_test_reports_reachability_and_bad_keys() {
             && l.contains("0 queued")),
         "--verbose shows the local tier's load and queue: {text}"
     );
+    assert!(
+        text.contains("Ledger: sqlite (embedded mode), outbox backlog 0")
+            && text.contains(" events behind the ledger"),
+        "--verbose shows the backends and the projection lag: {text}"
+    );
 
     let bogus = format!("sk-nself-{}", "A1b2C3d4".repeat(5));
     let out = gw.cli(&["test", "--key", &bogus]).await;
