@@ -195,6 +195,11 @@ impl ProjectorHandle {
         self.applied.borrow().clone()
     }
 
+    /// A receiver of the applied frontier, to watch it move.
+    pub fn applied_watch(&self) -> watch::Receiver<Frontier> {
+        self.applied.clone()
+    }
+
     /// Waits until everything below `target` is visible in the read models.
     pub async fn wait_for(&self, target: &Frontier, deadline: Duration) -> Result<(), StoreError> {
         let mut applied = self.applied.clone();

@@ -178,6 +178,34 @@ class Stack:
         assert created["key"].startswith("sk-nself-")
         return Gateway(url, created["key"], created["id"])
 
+    def projector(self, name: str, env: dict[str, str]) -> None:
+        """Starts `nself claw projector` (distributed mode: folds the Kafka ledger into
+        PostgreSQL) with `env` (CLAW_KAFKA_BROKERS, CLAW_KAFKA_TOPIC, CLAW_DATABASE_URL…) on
+        top of a hermetic environment, its log in `<tmp>/<name>.log`, and waits until it says
+        it is folding (it has no HTTP port). Start it before `gateway()`, whose key creation
+        waits for the projection."""
+        log = self.tmp / f"{name}.log"
+        full_env = {**os.environ}
+        for var in HERMETIC_UNSET:
+            full_env.pop(var, None)
+        # Its readiness line is logged at `info`.
+        full_env.update({"NO_COLOR": "1", "RUST_LOG": "info", **env})
+        cwd = self.tmp / name
+        cwd.mkdir()  # no `.env` here
+        with log.open("w") as log_file:
+            proc = subprocess.Popen(
+                [BIN_DIR / "nself", "claw", "projector"], env=full_env, cwd=cwd,
+                stdout=log_file, stderr=subprocess.STDOUT,
+            )
+        self.procs.append(proc)
+        while "projector folding" not in log.read_text():
+            if proc.poll() is not None:
+                pytest.fail(f"projector exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+            if time.monotonic() > self.deadline:
+                pytest.fail(f"projector not folding within {STARTUP_DEADLINE_S}s:\n"
+                            f"{log.read_text()[-4000:]}")
+            time.sleep(0.05)
+
     def close(self) -> None:
         for proc in reversed(self.procs):
             stop(proc)
