@@ -356,14 +356,19 @@ fn plan_served(served: &[Served<'_>], statements: &mut Vec<Statement>) {
         }
         statements.push(st);
     }
-    for (key, at) in last_used {
-        statements.push(
-            Statement::new(
-                "UPDATE keys SET last_used_at = $2 WHERE id = $1 AND (last_used_at IS NULL OR last_used_at < $2)",
-            )
-            .bind(key)
-            .bind(at),
-        );
+    // One statement per chunk of keys, not per key: a batch can touch hundreds of keys.
+    // `VALUES` columns are `column1`, `column2` on SQLite and PostgreSQL alike.
+    let used: Vec<_> = last_used.into_iter().collect();
+    for chunk in used.chunks(ROWS_PER_STATEMENT) {
+        let mut st = Statement::new(format!(
+            "UPDATE keys SET last_used_at = v.column2 FROM (VALUES {}) AS v
+             WHERE keys.id = v.column1 AND (keys.last_used_at IS NULL OR keys.last_used_at < v.column2)",
+            placeholders(chunk.len(), 2)
+        ));
+        for (key, at) in chunk {
+            st = st.bind(*key).bind(*at);
+        }
+        statements.push(st);
     }
 }
 

@@ -41,6 +41,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use claw_tests::backends::Distributed;
 use claw_tests::prometheus;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -101,6 +102,10 @@ struct Common {
     /// Print the results as one JSON document instead of a table.
     #[arg(long)]
     json: bool,
+    /// Start the gateway distributed: a fresh topic and database on the Kafka and PostgreSQL
+    /// named by CLAW_KAFKA_BROKERS and CLAW_DATABASE_URL, with `nself claw projector` beside it.
+    #[arg(long, conflicts_with = "gateway_url")]
+    distributed: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -1047,6 +1052,8 @@ fn streams_table(report: &Value) -> String {
 struct Spawned {
     fake: Option<Child>,
     gateway: Option<Child>,
+    /// The projector service beside a distributed gateway.
+    projector: Option<Child>,
     /// The started gateway's data dir, removed once it has stopped.
     data: Option<tempfile::TempDir>,
 }
@@ -1066,6 +1073,9 @@ impl Spawned {
             {
                 let _ = gw.kill().await;
             }
+        }
+        if let Some(mut projector) = self.projector.take() {
+            let _ = projector.kill().await;
         }
         if let Some(mut fake) = self.fake.take() {
             let _ = fake.kill().await;
@@ -1135,21 +1145,42 @@ fn secret() -> String {
     format!("bench-{nanos:x}-{}", std::process::id())
 }
 
+/// Starts `nself claw projector` for `backends`, logging to `data/projector.log`.
+fn start_projector(bin_dir: &Path, backends: &Distributed, data: &Path) -> Result<Child, Error> {
+    let log = std::fs::File::create(data.join("projector.log"))?;
+    let child = Command::new(bin_dir.join("nself"))
+        .args(["claw", "projector"])
+        .current_dir(data)
+        .env("CLAW_KAFKA_BROKERS", &backends.brokers)
+        .env("CLAW_KAFKA_TOPIC", &backends.topic)
+        .env("CLAW_DATABASE_URL", &backends.database_url)
+        .env_remove("CLAW_KAFKA_GROUP")
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("start the projector: {e}"))?;
+    Ok(child)
+}
+
 fn start_gateway(
     bin_dir: &Path,
     ollama_url: &str,
     max_inflight: usize,
     data: &Path,
     secret: &str,
+    backends: Option<&Distributed>,
 ) -> Result<(Child, String), Error> {
     let addr = format!("127.0.0.1:{}", free_port()?);
     let log = std::fs::File::create(data.join("gateway.log"))?;
     let mut cmd = Command::new(bin_dir.join("nself"));
     cmd.args(["claw", "serve"])
         .current_dir(data)
-        // Embedded: the bench measures the embedded gateway unless told otherwise.
+        // Embedded unless `--distributed` (then set below).
         .env_remove("CLAW_KAFKA_BROKERS")
         .env_remove("CLAW_DATABASE_URL")
+        .env_remove("CLAW_KAFKA_TOPIC")
+        .env_remove("CLAW_KAFKA_GROUP")
         .env("CLAW_LISTEN", &addr)
         .env("CLAW_DATA_DIR", data.join("data"))
         .env("PLUGIN_INTERNAL_SECRET", secret)
@@ -1158,14 +1189,13 @@ fn start_gateway(
         .stdout(log.try_clone()?)
         .stderr(log)
         .kill_on_drop(true);
-    for var in [
-        "GEMINI_API_KEYS",
-        "OPENAI_API_KEY",
-        "ANTHROPIC_API_KEY",
-        "CLAW_KAFKA_BROKERS",
-        "CLAW_DATABASE_URL",
-    ] {
+    for var in ["GEMINI_API_KEYS", "OPENAI_API_KEY", "ANTHROPIC_API_KEY"] {
         cmd.env_remove(var);
+    }
+    if let Some(b) = backends {
+        cmd.env("CLAW_KAFKA_BROKERS", &b.brokers)
+            .env("CLAW_KAFKA_TOPIC", &b.topic)
+            .env("CLAW_DATABASE_URL", &b.database_url);
     }
     let child = cmd
         .spawn()
@@ -1346,8 +1376,21 @@ async fn setup(
             let data = tempfile::tempdir()?;
             let secret = secret();
             let ollama_url = env.ollama_url.as_deref().unwrap_or_default();
-            let (mut child, url) =
-                start_gateway(&bin_dir, ollama_url, max_inflight, data.path(), &secret)?;
+            let backends = if common.distributed {
+                let backends = Distributed::fresh().await;
+                spawned.projector = Some(start_projector(&bin_dir, &backends, data.path())?);
+                Some(backends)
+            } else {
+                None
+            };
+            let (mut child, url) = start_gateway(
+                &bin_dir,
+                ollama_url,
+                max_inflight,
+                data.path(),
+                &secret,
+                backends.as_ref(),
+            )?;
             let log = data.path().join("gateway.log");
             env.gateway_pid = child.id();
             wait_ready(&url, &mut child, &log).await?;

@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 use claw_ledger::kafka::KafkaLedger;
 use claw_ledger::{
-    Appender, Endpoint, Envelope, Event, Frontier, Position, Provider, RequestServed, Tier,
+    Appender, Endpoint, Envelope, Event, Frontier, KeyCreated, Position, Provider, RequestServed,
+    Tier,
 };
 use claw_projector::{watch::follow_postgres, ProjectorHandle, ReadModels};
 use claw_tests::backends::Distributed;
@@ -64,6 +65,20 @@ enum Mode {
 const DRAIN_BATCH: usize = 1024;
 /// Distinct keys the generated requests belong to.
 const KEYS: usize = 1000;
+
+fn key_created(i: usize) -> Envelope {
+    Envelope::new(
+        &format!("bench-key-{i}"),
+        "bench",
+        Event::KeyCreated(KeyCreated {
+            name: format!("bench {i}"),
+            key_prefix: "sk-nself-xxx".into(),
+            key_hash: format!("sha256:{i:064x}"),
+            rpm_limit: 1_000_000,
+            admin_allowed: false,
+        }),
+    )
+}
 
 fn request(i: usize) -> Envelope {
     let key = format!("bench-key-{}", i % KEYS);
@@ -132,10 +147,14 @@ impl Bench {
         Ok(())
     }
 
-    /// Appends `n` generated requests in drain-sized batches, several in flight; returns
-    /// the frontier they reach.
+    /// Creates the keys, then appends `n` generated requests in drain-sized batches, several
+    /// in flight; returns the frontier they reach.
     async fn fill(&self, n: usize) -> Result<Frontier, Error> {
         let mut reached = Frontier::new();
+        let keys: Vec<Envelope> = (0..KEYS).map(key_created).collect();
+        for p in self.ledger.append(keys).await? {
+            reached.pass(p);
+        }
         let mut pending = futures::stream::FuturesUnordered::new();
         let mut next = 0;
         loop {
