@@ -10,23 +10,49 @@ use claw_ledger::SqliteWriter;
 use sqlx::any::{install_default_drivers, AnyPoolOptions};
 use sqlx::{AnyPool, Executor};
 
-/// What can go wrong reading or folding the read models.
+/// What can go wrong reading or folding the read models. The drivers' own errors (sqlx,
+/// rusqlite, migrations, the ledger's) are one boxed variant.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("read-model database error: {0}")]
-    Database(#[from] sqlx::Error),
-    #[error("read-model database error: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-    #[error("read-model migration failed: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
-    #[error("ledger error: {0}")]
-    Ledger(#[from] claw_ledger::LedgerError),
+    #[error("read-model backend failed: {0}")]
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("the projection did not reach {target} within {waited:?} (it is at {applied})")]
     Lagging {
         target: String,
         applied: String,
         waited: Duration,
     },
+}
+
+impl StoreError {
+    /// Wraps a backend's own error.
+    pub fn backend(err: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::Backend(Box::new(err))
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(err: sqlx::Error) -> Self {
+        Self::backend(err)
+    }
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(err: rusqlite::Error) -> Self {
+        Self::backend(err)
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for StoreError {
+    fn from(err: sqlx::migrate::MigrateError) -> Self {
+        Self::backend(err)
+    }
+}
+
+impl From<claw_ledger::LedgerError> for StoreError {
+    fn from(err: claw_ledger::LedgerError) -> Self {
+        Self::backend(err)
+    }
 }
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
