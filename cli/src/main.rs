@@ -31,7 +31,7 @@ enum Top {
 enum Claw {
     /// Run the gateway. With no Kafka/PostgreSQL configured it runs embedded: ledger and read
     /// models in one SQLite file under CLAW_DATA_DIR, projector in-process.
-    Serve(Box<claw_gateway::ServeArgs>),
+    Serve(Box<nself::ServeArgs>),
     /// Run the projector as its own service (distributed mode): a member of the ledger topic's
     /// consumer group, folding its partitions into the PostgreSQL read models. Run as many as
     /// you like; Kafka splits the partitions between them.
@@ -210,7 +210,7 @@ async fn run(claw: Claw) -> Result<ExitCode, CliError> {
     match claw {
         Claw::Serve(settings) => {
             let _flush_logs_on_exit = init_logging();
-            let state = claw_gateway::open(*settings)
+            let state = claw_gateway::open(settings.into_settings())
                 .await
                 .map_err(|e| CliError::Message(e.to_string()))?;
             claw_gateway::serve(state)

@@ -20,7 +20,7 @@ pub mod startup;
 pub mod state;
 pub mod unread_body;
 
-pub use config::ServeArgs;
+pub use config::Settings;
 pub use routes::router;
 pub use startup::{open, serve, serve_on, StartError};
 pub use state::AppState;

@@ -14,7 +14,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use rand::distr::{Alphanumeric, SampleString};
 
 use crate::capacity::Capacity;
-use crate::config::ServeArgs;
+use crate::config::Settings;
 use crate::keys::KeyCache;
 use crate::pricing::{PriceError, PriceTable};
 use crate::providers::anthropic::Anthropic;
@@ -80,7 +80,7 @@ fn metrics_handle() -> PrometheusHandle {
 }
 
 /// Reads or creates `internal.secret` (mode 0600) in the data directory.
-pub fn internal_secret(settings: &ServeArgs) -> Result<String, StartError> {
+pub fn internal_secret(settings: &Settings) -> Result<String, StartError> {
     if let Some(secret) = settings
         .internal_secret
         .as_ref()
@@ -136,7 +136,7 @@ fn producer_name() -> String {
 }
 
 /// The tiers as configured: Ollama always; Gemini, OpenAI and Anthropic when their keys are set.
-fn tiers(settings: &ServeArgs, timeouts: crate::config::Timeouts) -> Result<Router, StartError> {
+fn tiers(settings: &Settings, timeouts: crate::config::Timeouts) -> Result<Router, StartError> {
     let ollama = Backend::new(Arc::new(Ollama::new(&settings.ollama_base_url, timeouts)?));
     let gemini_keys = settings.gemini_keys();
     let gemini = if gemini_keys.is_empty() {
@@ -150,11 +150,11 @@ fn tiers(settings: &ServeArgs, timeouts: crate::config::Timeouts) -> Result<Rout
         )?;
         Some(Backend::new(Arc::new(pool)))
     };
-    let openai = ServeArgs::present(settings.openai_api_key.as_ref())
+    let openai = Settings::present(settings.openai_api_key.as_ref())
         .map(|key| OpenAi::new(&settings.openai_base_url, key, timeouts))
         .transpose()?
         .map(|p| Backend::new(Arc::new(p)));
-    let anthropic = ServeArgs::present(settings.anthropic_api_key.as_ref())
+    let anthropic = Settings::present(settings.anthropic_api_key.as_ref())
         .map(|key| Anthropic::new(&settings.anthropic_base_url, key, timeouts))
         .transpose()?
         .map(|p| Backend::new(Arc::new(p)));
@@ -180,7 +180,7 @@ fn tiers(settings: &ServeArgs, timeouts: crate::config::Timeouts) -> Result<Rout
         models,
         Capacity::new(
             Tier::Local,
-            settings.ollama_max_inflight.0,
+            settings.ollama_max_inflight,
             settings.queue_policy(),
         ),
     ))
@@ -197,7 +197,7 @@ struct Backends {
 }
 
 /// Embedded: ledger and read models in one SQLite file, the projector a task in this process.
-async fn embedded(settings: &ServeArgs) -> Result<Backends, StartError> {
+async fn embedded(settings: &Settings) -> Result<Backends, StartError> {
     let db = settings.database_file();
     let log = Arc::new(SqliteLedger::open(&db).await?);
     let store = ReadModels::open_sqlite(&db)
@@ -220,7 +220,7 @@ async fn embedded(settings: &ServeArgs) -> Result<Backends, StartError> {
 /// Distributed: the Kafka ledger and PostgreSQL read models, folded by `nself claw projector`
 /// (another process); this gateway follows the projection through its change notices.
 async fn distributed(
-    settings: &ServeArgs,
+    settings: &Settings,
     brokers: &str,
     database_url: &str,
     producer: &str,
@@ -239,7 +239,7 @@ async fn distributed(
 }
 
 /// Opens everything the gateway needs in the configured mode and returns its state.
-pub async fn open(settings: ServeArgs) -> Result<Arc<AppState>, StartError> {
+pub async fn open(settings: Settings) -> Result<Arc<AppState>, StartError> {
     std::fs::create_dir_all(&settings.data_dir).map_err(|source| StartError::DataDir {
         path: settings.data_dir.display().to_string(),
         source,

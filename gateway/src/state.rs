@@ -9,7 +9,7 @@ use claw_projector::{ProjectorHandle, ReadModels};
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::accounting::RequestRecord;
-use crate::config::ServeArgs;
+use crate::config::Settings;
 use crate::exchange::ExchangeDeps;
 use crate::keys::KeyCache;
 use crate::pricing::PriceTable;
@@ -17,7 +17,7 @@ use crate::router::Router;
 
 /// What every handler can reach.
 pub struct AppState {
-    pub settings: ServeArgs,
+    pub settings: Settings,
     /// Where facts are appended (the outbox drains into it; commands append directly).
     pub appender: Arc<dyn Appender>,
     /// The ledger read back (events, audits).

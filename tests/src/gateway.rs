@@ -6,8 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use claw_gateway::{AppState, ServeArgs};
+use claw_gateway::AppState;
 use claw_ledger::{Envelope, Event, RequestServed, TierFallback};
+use nself::ServeArgs;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
@@ -165,7 +166,7 @@ impl TestGateway {
         args.extend(backend_flags.iter().map(String::as_str));
         args.extend_from_slice(extra);
         let flags = Flags::try_parse_from(args).expect("valid flags");
-        let state = claw_gateway::open(flags.serve)
+        let state = claw_gateway::open(flags.serve.into_settings())
             .await
             .expect("gateway opens");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

@@ -447,7 +447,7 @@ impl ChatProvider for Anthropic {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::ServeArgs;
+    use crate::config::Settings;
     use crate::providers::test_support::{self, chat_request, msg};
     use crate::providers::{ChatParams, Image};
     use proptest::prelude::*;
@@ -821,7 +821,7 @@ mod tests {
     #[tokio::test]
     async fn embeddings_fail_without_falling_through_and_a_bad_key_is_401() {
         let anthropic =
-            Anthropic::new(DEFAULT_BASE_URL, "sk-ant-test", ServeArgs::test_timeouts()).unwrap();
+            Anthropic::new(DEFAULT_BASE_URL, "sk-ant-test", Settings::test_timeouts()).unwrap();
         assert_eq!(anthropic.provider(), Provider::Anthropic);
         let err = anthropic.embed("any", &["x".into()]).await.unwrap_err();
         assert!(!err.falls_through());
@@ -830,7 +830,7 @@ mod tests {
         let bad = Anthropic::new(
             "http://127.0.0.1:9/",
             "sk-ant-\nsecret",
-            ServeArgs::test_timeouts(),
+            Settings::test_timeouts(),
         )
         .unwrap();
         let req = request(vec![msg(Role::User, "hi")], ChatParams::default());

@@ -1278,7 +1278,7 @@ mod tests {
             "http://127.0.0.1:9",
             vec!["AIzaSySecretKey0001".into()],
             15,
-            crate::config::ServeArgs::test_timeouts(),
+            crate::config::Settings::test_timeouts(),
         )
         .unwrap();
         assert_eq!(

@@ -197,7 +197,7 @@ mod tests {
 
     #[test]
     fn the_final_line_yields_usage_then_finish() {
-        let http = Upstream::new("ollama", crate::config::ServeArgs::test_timeouts()).unwrap();
+        let http = Upstream::new("ollama", crate::config::Settings::test_timeouts()).unwrap();
         let done = json!({"message": {"role": "assistant", "content": ""}, "done": true, "done_reason": "length", "prompt_eval_count": 7, "eval_count": 3});
         assert_eq!(
             line_events(&http, &done).unwrap(),

@@ -573,13 +573,13 @@ mod tests {
         let shown = redact_error(err, key).to_string();
         assert!(!shown.contains("6789") && !shown.contains(key), "{shown}");
         assert!(shown.contains("Incorrect API key provided: sk-[redacted]."));
-        let openai = OpenAi::new("", key, crate::config::ServeArgs::test_timeouts()).unwrap();
+        let openai = OpenAi::new("", key, crate::config::Settings::test_timeouts()).unwrap();
         assert_eq!(openai.base_url, DEFAULT_BASE_URL);
         assert!(!format!("{openai:?}").contains(key));
         let custom = OpenAi::new(
             "http://127.0.0.1:9/v1/",
             key,
-            crate::config::ServeArgs::test_timeouts(),
+            crate::config::Settings::test_timeouts(),
         )
         .unwrap();
         assert_eq!(custom.url("/models"), "http://127.0.0.1:9/v1/models");

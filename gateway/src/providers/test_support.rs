@@ -24,5 +24,5 @@ pub fn chat_request(model: &str, messages: Vec<Message>, params: ChatParams) -> 
 
 /// The shared HTTP upstream, named `name`, with the test timeouts.
 pub fn http(name: &'static str) -> Upstream {
-    Upstream::new(name, crate::config::ServeArgs::test_timeouts()).unwrap()
+    Upstream::new(name, crate::config::Settings::test_timeouts()).unwrap()
 }

@@ -68,7 +68,7 @@ const KEYS: usize = 1000;
 
 fn key_created(i: usize) -> Envelope {
     Envelope::new(
-        &format!("bench-key-{i}"),
+        format!("bench-key-{i}"),
         "bench",
         Event::KeyCreated(KeyCreated {
             name: format!("bench {i}"),
@@ -195,7 +195,7 @@ async fn throughput(events: usize) -> Result<serde_json::Value, Error> {
     let reached = bench.fill(events).await?;
     let appended = started.elapsed();
     bench
-        .wait_covered(&reached, Duration::from_secs(600))
+        .wait_covered(&reached, Duration::from_mins(10))
         .await?;
     let projected = started.elapsed();
     let totals = bench
@@ -275,7 +275,7 @@ async fn lag(rate: f64, duration: f64) -> Result<serde_json::Value, Error> {
             failed += 1;
         }
     }
-    let mut lags = tokio::time::timeout(Duration::from_secs(60), watcher).await??;
+    let mut lags = tokio::time::timeout(Duration::from_mins(1), watcher).await??;
     lags.sort_unstable();
     Ok(json!({
         "mode": "lag",
@@ -296,7 +296,7 @@ async fn audit(events: usize) -> Result<serde_json::Value, Error> {
     let reached = bench.fill(events).await?;
     let appended = started.elapsed();
     bench
-        .wait_covered(&reached, Duration::from_secs(1800))
+        .wait_covered(&reached, Duration::from_mins(30))
         .await?;
     let projected = started.elapsed();
     let reader: Arc<dyn claw_ledger::LedgerReader> = bench.ledger.clone();
