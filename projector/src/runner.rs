@@ -24,7 +24,7 @@ pub const EMBEDDED_SOURCE: &str = "ledger";
 /// database file's one writer, and appends wait behind it: short turns keep their wait short.
 pub const BATCH: usize = 16;
 /// Events folded per transaction when replaying into a scratch projection (nobody waits).
-const REPLAY_BATCH: usize = 512;
+const REPLAY_BATCH: usize = 4096;
 /// When fewer than a batch are waiting, how long to let more gather before folding: under
 /// load this turns many one-event transactions into fewer, fuller ones (commands wait this
 /// much longer).
@@ -152,28 +152,40 @@ impl Projector {
     }
 }
 
-/// Folds the whole of `log` below `until` into `store` (used to build a scratch projection).
+/// Folds the whole of `log` below `until` into `store` (used to build a scratch projection),
+/// partition by partition (a key's events share one, so per-key order holds), reading the
+/// next batch while the last one folds.
 pub async fn replay(
     log: Arc<dyn LedgerReader>,
     store: &ReadModels,
     until: &Frontier,
 ) -> Result<Frontier, StoreError> {
-    let mut feed = ReaderFeed::new(log, store.next_offsets(EMBEDDED_SOURCE).await?);
-    loop {
-        let behind = feed.position().behind(until);
-        if behind == 0 {
-            break;
+    let mut reached = store.next_offsets(EMBEDDED_SOURCE).await?;
+    for (partition, end) in until.iter() {
+        let read = |from: u64| {
+            let log = log.clone();
+            let limit = usize::try_from(end.saturating_sub(from))
+                .unwrap_or(REPLAY_BATCH)
+                .min(REPLAY_BATCH);
+            async move {
+                if limit == 0 {
+                    Ok(Vec::new())
+                } else {
+                    log.read(partition, from, limit).await
+                }
+            }
+        };
+        let mut batch = read(reached.next(partition)).await?;
+        while let Some(last) = batch.last() {
+            let next = last.offset + 1;
+            let (folded, following) =
+                tokio::join!(store.fold_batch(EMBEDDED_SOURCE, &batch), read(next));
+            folded?;
+            reached.advance(partition, next);
+            batch = following?;
         }
-        let mut batch = feed
-            .read_ready(REPLAY_BATCH.min(usize::try_from(behind).unwrap_or(REPLAY_BATCH)))
-            .await?;
-        batch.retain(|rec| until.includes(rec.position()));
-        if batch.is_empty() {
-            break;
-        }
-        store.fold_batch(EMBEDDED_SOURCE, &batch).await?;
     }
-    Ok(feed.position().clone())
+    Ok(reached)
 }
 
 impl ProjectorHandle {
