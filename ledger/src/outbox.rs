@@ -400,12 +400,15 @@ async fn drain(
             }
         }
         let last = batch.last().map_or(0, |(seq, _)| *seq);
+        let in_batch = batch.len();
         backlog.send_replace(batch.len() + rx.len());
         let events: Vec<Envelope> = batch.drain(..).flat_map(|(_, events)| events).collect();
         let mut delay = Duration::from_millis(50);
         // `append` takes the events; the copy is what a retry needs.
         while let Err(err) = log.append(events.clone()).await {
-            tracing::error!(error = %err, events = events.len(), "outbox could not append to the ledger; retrying");
+            // While the ledger is away, the backlog keeps growing: report it as it is.
+            backlog.send_replace(in_batch + rx.len());
+            tracing::error!(error = %err, events = events.len(), backlog = in_batch + rx.len(), "outbox could not append to the ledger; retrying");
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(5));
         }

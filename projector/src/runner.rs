@@ -239,6 +239,11 @@ impl ProjectorHandle {
         !self.task.is_finished()
     }
 
+    /// Stops the loop (its feed with it) wherever it is; a fold in progress rolls back.
+    pub fn abort(&self) {
+        self.task.abort();
+    }
+
     /// Completes when the loop has stopped (its feed closed).
     pub async fn stopped(&self) {
         let mut applied = self.applied.clone();

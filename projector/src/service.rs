@@ -6,9 +6,10 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use claw_ledger::kafka::{KafkaConfig, KafkaLedger};
+use claw_ledger::{Frontier, LedgerReader as _};
 
 use crate::runner::{Projector, StoredStart};
 use crate::store::{ReadModels, StoreError};
@@ -52,16 +53,74 @@ pub async fn run(
             .spawn()
             .await?;
         tracing::info!(topic = %source, group = %config.group, "projector folding the Kafka ledger into PostgreSQL");
-        tokio::select! {
-            () = &mut shutdown => {
-                tracing::info!(applied = ?handle.applied(), "projector stopping");
-                return Ok(());
+        let mut stall = Stall::default();
+        let mut check = tokio::time::interval(STALL_CHECK);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => {
+                    tracing::info!(applied = ?handle.applied(), "projector stopping");
+                    return Ok(());
+                }
+                () = handle.stopped() => {
+                    tracing::warn!(retry_in = ?backoff, "the projector's group membership ended; joining again");
+                    break;
+                }
+                _ = check.tick() => {
+                    if let Some(behind) = stall.check(&ledger, &store, &source).await {
+                        tracing::error!(behind, stalled_for = ?STALL_LIMIT, "the projection has not moved while the ledger is ahead; rejoining the group with a new consumer");
+                        break;
+                    }
+                }
             }
-            () = handle.stopped() => {
-                tracing::warn!(retry_in = ?backoff, "the projector's group membership ended; joining again");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-            }
+        }
+        // Stopping the old projector drops its feed, which closes the old consumer.
+        handle.abort();
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// How often the service checks that the projection moves.
+const STALL_CHECK: Duration = Duration::from_secs(10);
+/// How long the projection may stand still while the ledger is ahead of it before the
+/// consumer is replaced. A consumer can wedge after the broker was fenced and restarted
+/// (librdkafka stops looking for the group's coordinator); a new one recovers.
+const STALL_LIMIT: Duration = Duration::from_secs(30);
+
+/// Watches the whole projection (every instance's partitions) against the ledger's ends.
+#[derive(Default)]
+struct Stall {
+    last: Option<Frontier>,
+    since: Option<Instant>,
+}
+
+impl Stall {
+    /// `Some(events behind)` once the projection stood still for [`STALL_LIMIT`] while
+    /// behind the ledger.
+    async fn check(
+        &mut self,
+        ledger: &KafkaLedger,
+        store: &ReadModels,
+        source: &str,
+    ) -> Option<u64> {
+        let (Ok(ends), Ok(stored)) = (ledger.ends().await, store.next_offsets(source).await) else {
+            // Cannot tell (a backend is away): not a stall of ours.
+            self.since = None;
+            return None;
+        };
+        let behind = stored.behind(&ends);
+        let still = self.last.as_ref() == Some(&stored);
+        self.last = Some(stored);
+        if behind == 0 || !still {
+            self.since = None;
+            return None;
+        }
+        let since = *self.since.get_or_insert_with(Instant::now);
+        if since.elapsed() >= STALL_LIMIT {
+            self.since = None;
+            Some(behind)
+        } else {
+            None
         }
     }
 }
