@@ -9,4 +9,5 @@ pub mod fake_openai;
 pub mod fake_server;
 pub mod gateway;
 pub mod openai_schema;
+pub mod process;
 pub mod prometheus;

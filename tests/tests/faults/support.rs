@@ -11,7 +11,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use claw_tests::backends::Distributed;
@@ -42,106 +42,13 @@ const CHAT_TIMEOUT: Duration = Duration::from_secs(20);
 /// Lines of each log printed when a test fails (besides "connection refused" ones).
 const LOG_TAIL_LINES: usize = 300;
 
-/// Variables that would point a child somewhere else than the stack says.
-const SCRUBBED_ENV: &[&str] = &[
-    "CLAW_LISTEN",
-    "CLAW_DATA_DIR",
-    "PLUGIN_INTERNAL_SECRET",
-    "NSELF_CLAW_URL",
-    "CLAW_KAFKA_BROKERS",
-    "CLAW_KAFKA_TOPIC",
-    "CLAW_KAFKA_GROUP",
-    "CLAW_KAFKA_PARTITIONS",
-    "CLAW_DATABASE_URL",
-    "CLAW_QUEUE_TIMEOUT_MS",
-    "CLAW_MAX_QUEUE",
-    "OLLAMA_BASE_URL",
-    "OLLAMA_MODEL",
-    "OLLAMA_EMBED_MODEL",
-    "OLLAMA_MAX_INFLIGHT",
-    "GEMINI_API_KEYS",
-    "GEMINI_BASE_URL",
-    "OPENAI_API_KEY",
-    "OPENAI_BASE_URL",
-    "ANTHROPIC_API_KEY",
-    "ANTHROPIC_BASE_URL",
-    "CLAW_MAX_BODY_BYTES",
-    "CLAW_LOG_FORMAT",
-    "RUST_LOG",
-    "NO_COLOR",
-    "CLICOLOR_FORCE",
-];
+pub use claw_tests::process::{describe, free_port, nself_bin, workspace, SCRUBBED_ENV};
 
 /// The fault tests stop and restart the shared services: one at a time, even if the harness
 /// is asked to run them in parallel.
 pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
     static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     LOCK.lock().await
-}
-
-/// The workspace root.
-pub fn workspace() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ lives in the workspace")
-}
-
-/// The `nself` binary next to this test executable; under cargo, `cargo build -p nself` runs
-/// once first so it is never stale.
-pub fn nself_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(path) = std::env::var_os("CLAW_NSELF_BIN") {
-            return PathBuf::from(path);
-        }
-        let exe = std::env::current_exe().expect("current test executable");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("test executable lives in target/<profile>/deps");
-        let bin = profile_dir.join(format!("nself{}", std::env::consts::EXE_SUFFIX));
-        if let Some(cargo) = std::env::var_os("CARGO") {
-            let mut build = Command::new(cargo);
-            build
-                .current_dir(workspace())
-                .args(["build", "--quiet", "-p", "nself", "--bin", "nself"]);
-            match profile_dir.file_name().and_then(|n| n.to_str()) {
-                Some("debug") | None => {}
-                Some("release") => {
-                    build.arg("--release");
-                }
-                Some(other) => {
-                    build.args(["--profile", other]);
-                }
-            }
-            let status = build.status().expect("run cargo build -p nself");
-            assert!(status.success(), "cargo build -p nself failed: {status}");
-        }
-        assert!(
-            bin.is_file(),
-            "{} not found: cargo build -p nself",
-            bin.display()
-        );
-        bin
-    })
-}
-
-/// A port nothing listens on right now.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind a free local port")
-        .port()
-}
-
-/// Exit status, stdout and stderr of a finished command.
-pub fn describe(out: &Output) -> String {
-    format!(
-        "{}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// The last `lines` lines of a log, leaving out the client's repeated "connection refused"

@@ -1,9 +1,8 @@
 //! The real `nself` binary as a child process: `nself claw serve` on a free port with its own
 //! data directory, in front of an in-process fake Ollama, and `nself claw api …` against it.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use claw_tests::fake_ollama::FakeOllama;
@@ -18,87 +17,7 @@ const EXIT_DEADLINE: Duration = Duration::from_secs(10);
 /// Longest one CLI command may run.
 const CLI_DEADLINE: Duration = Duration::from_secs(15);
 
-/// Variables that would point the child at something other than its own embedded setup.
-const SCRUBBED_ENV: &[&str] = &[
-    "CLAW_LISTEN",
-    "CLAW_DATA_DIR",
-    "PLUGIN_INTERNAL_SECRET",
-    "NSELF_CLAW_URL",
-    "CLAW_KAFKA_BROKERS",
-    "CLAW_KAFKA_TOPIC",
-    "CLAW_KAFKA_GROUP",
-    "CLAW_KAFKA_PARTITIONS",
-    "CLAW_DATABASE_URL",
-    "CLAW_QUEUE_TIMEOUT_MS",
-    "CLAW_MAX_QUEUE",
-    "OLLAMA_BASE_URL",
-    "OLLAMA_MODEL",
-    "OLLAMA_EMBED_MODEL",
-    "OLLAMA_MAX_INFLIGHT",
-    "GEMINI_API_KEYS",
-    "GEMINI_BASE_URL",
-    "OPENAI_API_KEY",
-    "OPENAI_BASE_URL",
-    "ANTHROPIC_API_KEY",
-    "ANTHROPIC_BASE_URL",
-    "CLAW_MAX_BODY_BYTES",
-    "CLAW_LOG_FORMAT",
-    "RUST_LOG",
-    "NO_COLOR",
-    "CLICOLOR_FORCE",
-];
-
-/// The `nself` binary next to this test executable (`target/<profile>/deps/it-…` →
-/// `target/<profile>/nself`). When run under cargo, `cargo build -p nself` is run once first so
-/// the binary is never stale (cargo does not build another package's binaries for a test).
-pub fn nself_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(path) = std::env::var_os("CLAW_NSELF_BIN") {
-            return PathBuf::from(path);
-        }
-        let exe = std::env::current_exe().expect("current test executable");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("test executable lives in target/<profile>/deps");
-        let bin = profile_dir.join(format!("nself{}", std::env::consts::EXE_SUFFIX));
-        if let Some(cargo) = std::env::var_os("CARGO") {
-            let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-                .parent()
-                .expect("tests/ lives in the workspace");
-            let mut build = Command::new(cargo);
-            build
-                .current_dir(workspace)
-                .args(["build", "--quiet", "-p", "nself", "--bin", "nself"]);
-            match profile_dir.file_name().and_then(|n| n.to_str()) {
-                Some("debug") | None => {}
-                Some("release") => {
-                    build.arg("--release");
-                }
-                Some(other) => {
-                    build.args(["--profile", other]);
-                }
-            }
-            let status = build.status().expect("run cargo build -p nself");
-            assert!(status.success(), "cargo build -p nself failed: {status}");
-        }
-        assert!(
-            bin.is_file(),
-            "{} not found; build it with `cargo build -p nself`",
-            bin.display()
-        );
-        bin
-    })
-}
-
-/// A port nothing listens on right now (bound, then released).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind a free local port")
-        .port()
-}
+pub use claw_tests::process::{describe, free_port, nself_bin, SCRUBBED_ENV};
 
 /// How to start the gateway.
 #[derive(Clone, Debug)]
@@ -439,14 +358,4 @@ pub async fn chat_request(
         .json(&body)
         .send()
         .await
-}
-
-/// Exit status, stdout and stderr of a finished command, for assertion messages.
-pub fn describe(out: &Output) -> String {
-    format!(
-        "{}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
