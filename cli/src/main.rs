@@ -64,7 +64,7 @@ impl ProjectorArgs {
         let group = self
             .kafka_group
             .filter(|g| !g.trim().is_empty())
-            .unwrap_or_else(|| format!("{}.projector", self.kafka_topic));
+            .unwrap_or_else(|| claw_projector::service::default_group(&self.kafka_topic));
         claw_projector::service::ServiceConfig {
             kafka: claw_ledger::kafka::KafkaConfig {
                 brokers: self.kafka_brokers,

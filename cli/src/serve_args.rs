@@ -49,10 +49,6 @@ pub struct ServeArgs {
     #[arg(long, env = "CLAW_KAFKA_TOPIC", default_value = "claw.ledger.v1")]
     pub kafka_topic: String,
 
-    /// The projector's Kafka consumer group (default `<topic>.projector`, one per topic).
-    #[arg(long, env = "CLAW_KAFKA_GROUP")]
-    pub kafka_group: Option<String>,
-
     /// Partitions of the ledger topic when it is created (a key's events share one).
     #[arg(long, env = "CLAW_KAFKA_PARTITIONS", default_value_t = 6, value_parser = clap::value_parser!(i32).range(1..=10_000))]
     pub kafka_partitions: i32,
@@ -190,7 +186,6 @@ impl ServeArgs {
             internal_secret: self.internal_secret,
             kafka_brokers: self.kafka_brokers,
             kafka_topic: self.kafka_topic,
-            kafka_group: self.kafka_group,
             kafka_partitions: self.kafka_partitions,
             database_url: self.database_url,
             ollama_base_url: self.ollama_base_url,

@@ -28,9 +28,6 @@ pub struct Settings {
     /// Kafka ledger topic.
     pub kafka_topic: String,
 
-    /// The projector's Kafka consumer group (default `<topic>.projector`, one per topic).
-    pub kafka_group: Option<String>,
-
     /// Partitions of the ledger topic when it is created (a key's events share one).
     pub kafka_partitions: i32,
 
@@ -161,12 +158,6 @@ impl Settings {
                 "CLAW_DATABASE_URL is set but CLAW_KAFKA_BROKERS is not: distributed mode needs both (the Kafka ledger and the PostgreSQL read models); unset CLAW_DATABASE_URL to run embedded.".into(),
             )),
         }
-    }
-
-    /// The projector's consumer group.
-    pub fn kafka_group(&self) -> String {
-        Self::present(self.kafka_group.as_ref())
-            .map_or_else(|| format!("{}.projector", self.kafka_topic), str::to_owned)
     }
 
     /// The Kafka ledger's settings; `producer` names this instance in CloudEvents' source.

@@ -21,6 +21,12 @@ pub const SERVICE_BATCH: usize = 1024;
 /// Longest pause before joining the group again after a membership ended.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
+/// The consumer group of a topic's projectors unless `CLAW_KAFKA_GROUP` says otherwise: one
+/// per topic, so stacks sharing a broker never share a group.
+pub fn default_group(topic: &str) -> String {
+    format!("{topic}.projector")
+}
+
 /// What the projector service needs.
 #[derive(Debug, Clone)]
 pub struct ServiceConfig {

@@ -76,7 +76,7 @@ impl Distributed {
                 replication: 1,
                 producer: "test-projector".into(),
             },
-            group: format!("{}.projector", self.topic),
+            group: claw_projector::service::default_group(&self.topic),
             database_url: self.database_url.clone(),
         }
     }
