@@ -10,8 +10,7 @@
 use std::time::{Duration, Instant};
 
 use crate::support::{
-    all_ok, check_ledger, kafka_pid, note, services_up, signal, summary, wait_gone, ServicesGuard,
-    Stack, Traffic,
+    all_ok, kafka_pid, note, services_up, signal, summary, wait_gone, ServicesGuard, Stack, Traffic,
 };
 
 /// How long the broker stays frozen: 5 s, or `CLAW_FAULTS_FREEZE_SECS`.
@@ -86,15 +85,8 @@ async fn broker_frozen_then_killed_and_restarted_loses_nothing() {
     let ids = all_ok(&outcomes, "through the broker outage");
     note!("all 200: {}", summary(&outcomes));
 
-    let records = stack.settle(Duration::from_mins(2)).await;
-    let check = check_ledger(&records, &ids);
-    note!("ledger: {check}");
-    assert_eq!(check.served, ids.len());
-    assert_eq!(
-        stack.usage_requests(0).await,
-        u64::try_from(ids.len()).expect("small"),
-        "usage totals.requests"
-    );
-    stack.assert_audit_clean(0, records.len()).await;
+    stack
+        .assert_accounted_exactly(&ids, Duration::from_mins(2))
+        .await;
     note!("test took {:.1} s", test_started.elapsed().as_secs_f64());
 }

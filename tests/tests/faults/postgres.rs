@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use crate::support::{
-    all_ok, check_ledger, note, pg_ctlcluster, services_up, summary, ServicesGuard, Stack, Traffic,
+    all_ok, note, pg_ctlcluster, services_up, summary, ServicesGuard, Stack, Traffic,
 };
 
 /// How long PostgreSQL stays down (at least; the clients must get answers meanwhile).
@@ -117,15 +117,8 @@ async fn postgres_restarted_during_traffic_keys_keep_working() {
     ids.extend(all_ok(&extra, "with the key created after the restart"));
     note!("all 200: {}", summary(&outcomes));
 
-    let records = stack.settle(Duration::from_secs(90)).await;
-    let check = check_ledger(&records, &ids);
-    note!("ledger: {check}");
-    assert_eq!(check.served, ids.len());
-    assert_eq!(
-        stack.usage_requests(0).await,
-        u64::try_from(ids.len()).expect("small"),
-        "usage totals.requests"
-    );
-    stack.assert_audit_clean(0, records.len()).await;
+    stack
+        .assert_accounted_exactly(&ids, Duration::from_secs(90))
+        .await;
     note!("test took {:.1} s", test_started.elapsed().as_secs_f64());
 }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::support::{all_ok, check_ledger, note, summary, Stack, Traffic};
+use crate::support::{all_ok, note, summary, Stack, Traffic};
 
 /// Events the projection has folded, as gateway 0 sees it.
 async fn applied(stack: &Stack) -> u64 {
@@ -87,15 +87,8 @@ async fn projector_killed_mid_stream_resumes_without_drift() {
     let ids = all_ok(&outcomes, "while the projector was killed and replaced");
     note!("all 200: {}", summary(&outcomes));
 
-    let records = stack.settle(Duration::from_secs(90)).await;
-    let check = check_ledger(&records, &ids);
-    note!("ledger: {check}");
-    assert_eq!(check.served, ids.len());
-    assert_eq!(
-        stack.usage_requests(0).await,
-        u64::try_from(ids.len()).expect("small"),
-        "usage totals.requests"
-    );
-    stack.assert_audit_clean(0, records.len()).await;
+    stack
+        .assert_accounted_exactly(&ids, Duration::from_secs(90))
+        .await;
     note!("test took {:.1} s", test_started.elapsed().as_secs_f64());
 }

@@ -479,6 +479,21 @@ impl Stack {
         }
     }
 
+    /// Once the stack settles (within `within`): every request in `ids` is in the ledger
+    /// exactly once by `event_id`, usage counts exactly those, and the audit finds no drift.
+    pub async fn assert_accounted_exactly(&self, ids: &HashSet<String>, within: Duration) {
+        let records = self.settle(within).await;
+        let check = check_ledger(&records, ids);
+        note!("ledger: {check}");
+        assert_eq!(check.served, ids.len());
+        assert_eq!(
+            self.usage_requests(0).await,
+            u64::try_from(ids.len()).expect("small"),
+            "usage totals.requests"
+        );
+        self.assert_audit_clean(0, records.len()).await;
+    }
+
     /// `api audit --json` through `gateway`: exit 0 and drift 0, replaying at least `events`.
     pub async fn assert_audit_clean(&self, gateway: usize, events: usize) {
         let out = self.cli(gateway, &["audit", "--json"]).await;
