@@ -168,7 +168,7 @@ impl ApiError {
     /// 499 (never seen by anyone): the client hung up before it was served; recorded as such.
     pub fn client_closed() -> Self {
         Self::new(
-            StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+            StatusCode::from_u16(crate::exchange::CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST),
             "api_error",
             "client_closed_request",
             "The client closed the connection before the request was served.",

@@ -102,6 +102,17 @@ impl Frontier {
     }
 }
 
+impl FromIterator<Position> for Frontier {
+    /// The frontier just past every one of the positions.
+    fn from_iter<I: IntoIterator<Item = Position>>(iter: I) -> Self {
+        let mut frontier = Frontier::new();
+        for position in iter {
+            frontier.pass(position);
+        }
+        frontier
+    }
+}
+
 impl FromIterator<(i32, u64)> for Frontier {
     fn from_iter<I: IntoIterator<Item = (i32, u64)>>(iter: I) -> Self {
         let mut frontier = Frontier::new();

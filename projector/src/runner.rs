@@ -133,9 +133,7 @@ impl Projector {
                 Ok(outcome) => {
                     backoff = Duration::from_millis(50);
                     applied.send_modify(|a| {
-                        for rec in &pending {
-                            a.pass(rec.position());
-                        }
+                        a.merge(&outcome.reached);
                     });
                     pending.clear();
                     if outcome.keys_changed {

@@ -48,10 +48,7 @@ async fn command(state: &AppState, event: Envelope) -> Result<(), ApiError> {
         .append(vec![event])
         .await
         .map_err(store_error)?;
-    let mut target = Frontier::new();
-    for position in positions {
-        target.pass(position);
-    }
+    let target: Frontier = positions.into_iter().collect();
     state
         .projector
         .wait_for(&target, PROJECTION_WAIT)

@@ -28,12 +28,14 @@ const ROWS_PER_STATEMENT: usize = 64;
 const IDS_PER_CLAIM: usize = 512;
 
 /// What a folded batch changed, so caches know whether to refresh.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct FoldOutcome {
     /// Events newly applied (duplicates excluded).
     pub applied: usize,
     /// Whether any key was created or revoked.
     pub keys_changed: bool,
+    /// The frontier just past the batch (its offsets as now stored).
+    pub reached: Frontier,
 }
 
 /// A parameter value.
@@ -278,11 +280,8 @@ pub fn plan<S: BuildHasher>(
     plan_served(&served, &mut statements);
     // Each partition's next offset, only ever moved forward (a redelivered older batch, or
     // another projector instance that was behind, cannot move it back).
-    let mut reached = Frontier::new();
-    for rec in batch {
-        reached.pass(rec.position());
-    }
-    for (partition, next) in reached.iter() {
+    outcome.reached = batch.iter().map(Recorded::position).collect();
+    for (partition, next) in outcome.reached.iter() {
         statements.push(
             Statement::new(
                 "INSERT INTO projector_offsets (source, ledger_partition, next_offset) VALUES ($1, $2, $3)

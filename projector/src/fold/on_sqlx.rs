@@ -6,7 +6,7 @@
 
 use std::collections::HashSet;
 
-use claw_ledger::{Frontier, Recorded};
+use claw_ledger::Recorded;
 use sqlx::any::AnyArguments;
 use sqlx::query::Query;
 use sqlx::{Any, AnyPool, AssertSqlSafe, Row as _};
@@ -38,11 +38,8 @@ pub async fn fold(
         query(st).execute(&mut *tx).await?;
     }
     if postgres {
-        let mut reached = Frontier::new();
-        for rec in batch {
-            reached.pass(rec.position());
-        }
-        let progress = serde_json::json!({"source": source, "frontier": reached}).to_string();
+        let progress =
+            serde_json::json!({"source": source, "frontier": outcome.reached}).to_string();
         sqlx::query("SELECT pg_notify($1, $2)")
             .bind(PROGRESS_CHANNEL)
             .bind(progress)
