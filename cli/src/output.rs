@@ -192,7 +192,8 @@ pub fn backends(status: &Value) {
         cell(&status["outbox"]["backlog"])
     ));
     line(&format!(
-        "Projection: {} events behind the ledger",
+        "Projection: {}, {} events behind the ledger",
+        cell(&status["projection"]["state"]),
         cell(&status["projection"]["lag_events"])
     ));
 }

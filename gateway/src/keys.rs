@@ -1,20 +1,20 @@
 //! Gateway keys on the request path: secret generation and hashing, and the in-memory key
-//! cache that authentication reads. The cache is loaded from the projection and reloaded on
-//! change notices, so a request never waits on a database; a miss reads through once and is
-//! remembered briefly (negative cache), so a flood of bad keys cannot hammer the store.
+//! cache that authentication reads. The cache is loaded from the projection and kept fresh by
+//! its change reports (the keys a fold created or revoked are re-read one by one; everything
+//! after a missed report), so a request never waits on a database; a miss reads through once
+//! and is remembered briefly (negative cache), so a flood of bad keys cannot hammer the store.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use claw_projector::{KeyRecord, ReadModels, StoreError};
+use claw_projector::{KeyChange, KeyChanges, KeyRecord, ReadModels, StoreError};
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota};
 use rand::distr::{Alphanumeric, SampleString};
 use sha2::{Digest, Sha256};
-use tokio::sync::watch;
 
 /// Every gateway secret starts with this.
 pub const SECRET_PREFIX: &str = "sk-nself-";
@@ -49,6 +49,25 @@ pub struct CachedKey {
 }
 
 impl CachedKey {
+    /// The entry for `record`: `old`'s rate-limit state when the limit is the same, a fresh
+    /// bucket otherwise.
+    fn renewed(old: Option<Arc<Self>>, record: KeyRecord, replicas: u32) -> Arc<Self> {
+        match old {
+            Some(old)
+                if old.record.rpm_limit == record.rpm_limit
+                    && old.record.id == record.id
+                    && old.replicas == replicas =>
+            {
+                Arc::new(Self {
+                    record,
+                    limiter: old.limiter.clone(),
+                    replicas,
+                })
+            }
+            _ => Arc::new(Self::new(record, replicas)),
+        }
+    }
+
     fn new(record: KeyRecord, replicas: u32) -> Self {
         let share = record.rpm_limit.div_ceil(replicas.max(1));
         let rpm = NonZeroU32::new(share).unwrap_or(NonZeroU32::MIN);
@@ -82,6 +101,9 @@ pub struct KeyCache {
     store: ReadModels,
     /// Gateways serving the same keys (1 embedded); each enforces its share of every rpm.
     replicas: AtomicU32,
+    /// Bumped before every refresh reads the store: a read-through that saw it move may hold
+    /// an answer older than the refresh's, and does not remember it.
+    refreshes: AtomicU64,
     active: RwLock<HashMap<String, Arc<CachedKey>>>,
     unknown: RwLock<HashMap<String, Instant>>,
 }
@@ -92,6 +114,7 @@ impl KeyCache {
         let cache = Arc::new(Self {
             store,
             replicas: AtomicU32::new(1),
+            refreshes: AtomicU64::new(0),
             active: RwLock::default(),
             unknown: RwLock::default(),
         });
@@ -99,39 +122,69 @@ impl KeyCache {
         Ok(cache)
     }
 
-    /// Re-reads the keys; a key whose rpm is unchanged keeps its rate-limit state.
+    /// Re-reads every key; a key whose rpm is unchanged keeps its rate-limit state.
     pub async fn reload(&self) -> Result<(), StoreError> {
+        self.refreshes.fetch_add(1, Ordering::AcqRel);
         let keys = self.store.list_keys().await?;
         let replicas = self.replicas.load(Ordering::Acquire);
-        let mut active = self
-            .active
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut active = self.active_mut();
         let mut next = HashMap::with_capacity(keys.len());
         for record in keys.into_iter().filter(|k| k.is_active) {
-            let entry = match active.remove(&record.key_hash) {
-                Some(old)
-                    if old.record.rpm_limit == record.rpm_limit
-                        && old.record.id == record.id
-                        && old.replicas == replicas =>
-                {
-                    Arc::new(CachedKey {
-                        record: record.clone(),
-                        limiter: old.limiter.clone(),
-                        replicas,
-                    })
-                }
-                _ => Arc::new(CachedKey::new(record.clone(), replicas)),
-            };
-            next.insert(record.key_hash, entry);
+            let old = active.remove(&record.key_hash);
+            next.insert(
+                record.key_hash.clone(),
+                CachedKey::renewed(old, record, replicas),
+            );
         }
         *active = next;
         drop(active);
+        self.unknown_mut().clear();
+        metrics::counter!("claw_key_cache_reloads_total", "scope" => "all").increment(1);
+        Ok(())
+    }
+
+    /// Re-reads the keys `change` names (all of them for [`KeyChange::All`]): a created key
+    /// is added (and forgotten as unknown), a revoked one removed, the others left alone.
+    pub async fn refresh(&self, change: KeyChange) -> Result<(), StoreError> {
+        let ids = match change {
+            KeyChange::All => return self.reload().await,
+            KeyChange::Keys(ids) => ids,
+        };
+        self.refreshes.fetch_add(1, Ordering::AcqRel);
+        let mut records = Vec::with_capacity(ids.len());
+        for id in &ids {
+            records.extend(self.store.key_by_id(id).await?);
+        }
+        let replicas = self.replicas.load(Ordering::Acquire);
+        let mut active = self.active_mut();
+        for record in &records {
+            let old = active.remove(&record.key_hash);
+            if record.is_active {
+                active.insert(
+                    record.key_hash.clone(),
+                    CachedKey::renewed(old, record.clone(), replicas),
+                );
+            }
+        }
+        drop(active);
+        let mut unknown = self.unknown_mut();
+        for record in &records {
+            unknown.remove(&record.key_hash);
+        }
+        metrics::counter!("claw_key_cache_reloads_total", "scope" => "keys").increment(1);
+        Ok(())
+    }
+
+    fn active_mut(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<CachedKey>>> {
+        self.active
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn unknown_mut(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Instant>> {
         self.unknown
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clear();
-        Ok(())
     }
 
     /// Finds the active key for `secret`.
@@ -156,12 +209,15 @@ impl KeyCache {
             return Err(KeyRefusal::Unknown);
         }
         // A miss reads through once: another gateway may have created the key a moment ago.
-        match self.store.key_by_hash(&hash).await? {
+        let before = self.refreshes.load(Ordering::Acquire);
+        let found = self.store.key_by_hash(&hash).await?;
+        let current = || self.refreshes.load(Ordering::Acquire) == before;
+        match found {
             Some(record) if record.is_active => {
-                let mut active = self
-                    .active
-                    .write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let mut active = self.active_mut();
+                if !current() {
+                    return Ok(Arc::new(CachedKey::new(record, 1)));
+                }
                 Ok(active
                     .entry(hash)
                     .or_insert_with(|| {
@@ -173,10 +229,10 @@ impl KeyCache {
                     .clone())
             }
             _ => {
-                let mut unknown = self
-                    .unknown
-                    .write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let mut unknown = self.unknown_mut();
+                if !current() {
+                    return Err(KeyRefusal::Unknown);
+                }
                 if unknown.len() >= NEGATIVE_CAPACITY {
                     unknown.retain(|_, at| now.duration_since(*at) < NEGATIVE_TTL);
                     if unknown.len() >= NEGATIVE_CAPACITY {
@@ -196,24 +252,25 @@ impl KeyCache {
         if self.replicas.swap(replicas, Ordering::AcqRel) == replicas {
             return;
         }
-        let mut active = self
-            .active
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut active = self.active_mut();
         for key in active.values_mut() {
             *key = Arc::new(CachedKey::new(key.record.clone(), replicas));
         }
     }
 
-    /// Reloads whenever the projection reports a key change, until the notices stop.
-    pub fn follow(self: &Arc<Self>, mut changes: watch::Receiver<u64>) {
+    /// Re-reads the keys the projection reports changed, until the reports stop. When that
+    /// fails (the store is down), the next change re-reads everything.
+    pub fn follow(self: &Arc<Self>, mut changes: KeyChanges) {
         let cache = Arc::downgrade(self);
         tokio::spawn(async move {
-            while changes.changed().await.is_ok() {
+            let mut failed = false;
+            while let Some(change) = changes.next().await {
                 let Some(cache) = cache.upgrade() else { return };
-                if let Err(err) = cache.reload().await {
-                    tracing::warn!(error = %err, "key cache reload failed; serving the previous keys");
-                }
+                let change = if failed { KeyChange::All } else { change };
+                failed = cache.refresh(change).await.is_err_and(|err| {
+                    tracing::warn!(error = %err, "key cache refresh failed; serving the previous keys until the next change");
+                    true
+                });
             }
         });
     }

@@ -200,9 +200,7 @@ struct Backends {
 async fn embedded(settings: &Settings) -> Result<Backends, StartError> {
     let db = settings.database_file();
     let log = Arc::new(SqliteLedger::open(&db).await?);
-    let store = ReadModels::open_sqlite(&db)
-        .await?
-        .with_writer(log.writer());
+    let store = ReadModels::open_sqlite(&db, log.writer()).await?;
     let projector = Projector::embedded(log.clone(), log.appended(), store.clone())
         .await?
         .spawn()

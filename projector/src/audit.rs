@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use claw_ledger::{Frontier, LedgerReader, SqliteLedger};
+use claw_ledger::{Frontier, LedgerReader};
 use serde::{Deserialize, Serialize};
 use sqlx::AnyConnection;
 
@@ -128,14 +128,9 @@ pub async fn audit(
         })
         .collect();
 
-    // The scratch projection is an embedded file of its own, folded through its rusqlite
-    // writer thread (statement by statement on one thread: no async hop per statement).
-    let dir = tempfile::tempdir().map_err(StoreError::backend)?;
-    let path = dir.path().join("audit.db");
-    let scratch_log = SqliteLedger::open(&path).await?;
-    let scratch = ReadModels::open_sqlite(&path)
-        .await?
-        .with_writer(scratch_log.writer());
+    // The scratch projection is a file of its own, folded through its rusqlite writer thread
+    // (statement by statement on one thread: no async hop per statement).
+    let scratch = ReadModels::open_scratch().await?;
     replay(log, &scratch, &until).await?;
     let mut conn = scratch.pool.acquire().await?;
     let replayed = snapshot(&mut conn).await?;

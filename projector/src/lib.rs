@@ -6,6 +6,7 @@
 
 pub mod audit;
 pub mod fold;
+pub mod key_changes;
 pub mod queries;
 pub mod runner;
 pub mod service;
@@ -13,6 +14,7 @@ pub mod store;
 pub mod views;
 pub mod watch;
 
+pub use key_changes::{KeyChange, KeyChanges};
 pub use runner::{Projector, ProjectorHandle, StoredStart, EMBEDDED_SOURCE};
 pub use store::{ReadModels, StoreError};
 pub use views::{parse_time_bound, KeyRecord, UsageDocument, UsageFilter};

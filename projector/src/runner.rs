@@ -8,14 +8,15 @@
 //! or by the read models' change notices when the projector is another process
 //! ([`crate::watch`]).
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use claw_ledger::{Feed, Frontier, LedgerError, LedgerReader, ReaderFeed, StartPositions};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::key_changes::{key_changes, KeyChange, KeyChanges, KeyChangesTx};
 use crate::store::{ReadModels, StoreError};
 
 /// The projection source name of the embedded ledger.
@@ -39,11 +40,16 @@ pub struct Projector {
     batch: usize,
 }
 
-/// Where a projection is: how far it has folded, and a counter bumped on every key change.
+/// A projection that is behind and has not moved for this long is reported stalled.
+pub const STALL: Duration = Duration::from_secs(10);
+
+/// Where a projection is: how far it has folded, when it last moved, and which keys changed.
 #[derive(Clone)]
 pub struct ProjectorHandle {
     applied: watch::Receiver<Frontier>,
-    key_changes: watch::Receiver<u64>,
+    /// When `applied` last moved (or the handle was made).
+    moved: Arc<Mutex<Instant>>,
+    key_changes: KeyChanges,
     task: Arc<JoinHandle<()>>,
 }
 
@@ -92,12 +98,12 @@ impl Projector {
     pub async fn spawn(self) -> Result<ProjectorHandle, StoreError> {
         let from = self.store.next_offsets(&self.source).await?;
         let (applied_tx, applied) = watch::channel(from);
-        let (keys_tx, key_changes) = watch::channel(0);
+        let (keys_tx, key_changes) = key_changes();
         let task = tokio::spawn(self.run(applied_tx, keys_tx));
         Ok(ProjectorHandle::new(applied, key_changes, task))
     }
 
-    async fn run(mut self, applied: watch::Sender<Frontier>, keys: watch::Sender<u64>) {
+    async fn run(mut self, applied: watch::Sender<Frontier>, keys: KeyChangesTx) {
         let mut backoff = Duration::from_millis(50);
         // A batch that failed to fold is folded again, never skipped.
         let mut pending = Vec::new();
@@ -136,9 +142,7 @@ impl Projector {
                         a.merge(&outcome.reached);
                     });
                     pending.clear();
-                    if outcome.keys_changed {
-                        keys.send_modify(|n| *n += 1);
-                    }
+                    keys.send(KeyChange::Keys(outcome.changed_keys));
                 }
                 Err(err) => {
                     tracing::error!(error = %err, events = pending.len(), "projector fold failed; retrying");
@@ -190,13 +194,42 @@ impl ProjectorHandle {
     /// A handle on watches fed by `task`.
     pub fn new(
         applied: watch::Receiver<Frontier>,
-        key_changes: watch::Receiver<u64>,
+        key_changes: KeyChanges,
         task: JoinHandle<()>,
     ) -> Self {
+        let moved = Arc::new(Mutex::new(Instant::now()));
+        let mut watch = applied.clone();
+        let last = moved.clone();
+        tokio::spawn(async move {
+            while watch.changed().await.is_ok() {
+                *last.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
+            }
+        });
         Self {
             applied,
+            moved,
             key_changes,
             task: Arc::new(task),
+        }
+    }
+
+    /// How long since the projection last moved.
+    pub fn idle(&self) -> Duration {
+        self.moved
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .elapsed()
+    }
+
+    /// `running`, `stalled` (`lag` events behind and not moved for [`STALL`]: the projector
+    /// service is down or stuck) or `stopped` (this process no longer follows it).
+    pub fn condition(&self, lag: u64) -> &'static str {
+        if !self.is_running() {
+            "stopped"
+        } else if lag > 0 && self.idle() >= STALL {
+            "stalled"
+        } else {
+            "running"
         }
     }
 
@@ -227,8 +260,8 @@ impl ProjectorHandle {
         }
     }
 
-    /// A receiver that changes whenever a key was created or revoked.
-    pub fn key_changes(&self) -> watch::Receiver<u64> {
+    /// The keys created or revoked, as they are folded (for one consumer: the key cache).
+    pub fn key_changes(&self) -> KeyChanges {
         self.key_changes.clone()
     }
 

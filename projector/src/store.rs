@@ -1,14 +1,17 @@
-//! The read-model store: one sqlx `Any` pool over SQLite (embedded, or an in-memory scratch
-//! copy for audits) or PostgreSQL (distributed), migrated on open, for queries; folds run on
-//! that pool too, except in embedded mode, where they go through the database file's single
-//! writer. Everything above it speaks portable SQL.
+//! The read-model store: one sqlx `Any` pool over SQLite (embedded, or a scratch file for
+//! audits) or PostgreSQL (distributed), migrated on open, for queries in portable SQL; and the
+//! fold executor of that backend ([`Folds`]): the SQLite file's single writer thread, or a
+//! `PgPool` transaction.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
-use claw_ledger::SqliteWriter;
+use claw_ledger::{SqliteLedger, SqliteWriter};
 use sqlx::any::{install_default_drivers, AnyPoolOptions};
-use sqlx::{AnyPool, Executor};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{AnyPool, Executor, PgPool};
+use tempfile::TempDir;
 
 /// What can go wrong reading or folding the read models. The drivers' own errors (sqlx,
 /// rusqlite, migrations, the ledger's) are one boxed variant.
@@ -57,74 +60,65 @@ impl From<claw_ledger::LedgerError> for StoreError {
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// Where folds run: the fold-executor seam. Queries are portable SQL on one `Any` pool; folds
+/// are not, because each backend has a fastest way to run one.
+#[derive(Clone, Debug)]
+pub(crate) enum Folds {
+    /// The embedded database file's single writer thread (the ledger's): the read models live
+    /// in the same file, and appends and folds take turns on one connection.
+    Writer(SqliteWriter),
+    /// A plain PostgreSQL transaction per fold.
+    Postgres(PgPool),
+}
+
 /// Handle to the read models.
 #[derive(Clone, Debug)]
 pub struct ReadModels {
+    /// For queries, on SQLite and PostgreSQL alike.
     pub(crate) pool: AnyPool,
-    /// Where folds run when the ledger shares the database file (embedded mode); otherwise
-    /// they run on the pool.
-    pub(crate) writer: Option<SqliteWriter>,
-    /// PostgreSQL (folds announce themselves with `NOTIFY`), rather than SQLite.
-    pub(crate) postgres: bool,
+    pub(crate) folds: Folds,
+    /// A scratch projection's directory, removed when the last handle goes.
+    scratch_dir: Option<Arc<TempDir>>,
 }
 
 impl ReadModels {
-    /// The embedded read models, in the same SQLite file as the ledger.
-    pub async fn open_sqlite(path: &Path) -> Result<Self, StoreError> {
+    /// The embedded read models, in the same SQLite file as the ledger, folded through the
+    /// file's `writer`.
+    pub async fn open_sqlite(path: &Path, writer: SqliteWriter) -> Result<Self, StoreError> {
         let url = format!("sqlite://{}?mode=rwc", path.display());
-        Self::open(&url, 4).await
+        Ok(Self {
+            pool: connect(&url, 4).await?,
+            folds: Folds::Writer(writer),
+            scratch_dir: None,
+        })
     }
 
-    /// A private in-memory projection (audits replay into one).
+    /// A private projection in a temporary file of its own, gone with its last handle (audits
+    /// replay into one).
     pub async fn open_scratch() -> Result<Self, StoreError> {
-        Self::open("sqlite::memory:", 1).await
+        let dir = tempfile::tempdir().map_err(StoreError::backend)?;
+        let path = dir.path().join("scratch.db");
+        let writer = SqliteLedger::open(&path).await?.writer();
+        let mut store = Self::open_sqlite(&path, writer).await?;
+        store.scratch_dir = Some(Arc::new(dir));
+        Ok(store)
     }
 
     /// PostgreSQL read models (`postgres://…`).
     pub async fn open_postgres(url: &str) -> Result<Self, StoreError> {
-        Self::open(url, 8).await
-    }
-
-    async fn open(url: &str, max_connections: u32) -> Result<Self, StoreError> {
-        install_default_drivers();
-        let sqlite = url.starts_with("sqlite:");
-        let pool = AnyPoolOptions::new()
-            .test_before_acquire(false)
-            .max_connections(max_connections)
-            .min_connections(u32::from(!sqlite || url.contains("memory")))
-            .idle_timeout(if url.contains("memory") { None } else { Some(Duration::from_mins(10)) })
-            .max_lifetime(if url.contains("memory") { None } else { Some(Duration::from_mins(30)) })
+        let pool = connect(url, 8).await?;
+        // Folds are one transaction at a time per projector; a gateway never folds, so the
+        // pool connects only when first used.
+        let folds = PgPoolOptions::new()
+            .max_connections(2)
             .acquire_timeout(Duration::from_secs(10))
-            .after_connect(move |conn, _meta| {
-                Box::pin(async move {
-                    // Read models are rebuildable from the ledger: NORMAL (no fsync per fold;
-                    // WAL still survives a process crash) keeps folds cheap. The ledger's own
-                    // connection stays FULL.
-                    if sqlite {
-                        conn.execute(
-                            "PRAGMA busy_timeout = 10000; PRAGMA synchronous = NORMAL; PRAGMA journal_mode = WAL;",
-                        )
-                        .await?;
-                    }
-                    Ok(())
-                })
-            })
-            .connect(url)
-            .await?;
-        MIGRATOR.run(&pool).await?;
+            .idle_timeout(Some(Duration::from_mins(10)))
+            .connect_lazy(url)?;
         Ok(Self {
             pool,
-            writer: None,
-            postgres: !sqlite,
+            folds: Folds::Postgres(folds),
+            scratch_dir: None,
         })
-    }
-
-    /// Folds go through `writer`, the embedded database file's single writer (the ledger's):
-    /// the read models live in the same file.
-    #[must_use]
-    pub fn with_writer(mut self, writer: SqliteWriter) -> Self {
-        self.writer = Some(writer);
-        self
     }
 
     /// Whether the store answers (for `/readyz`).
@@ -132,4 +126,35 @@ impl ReadModels {
         self.pool.execute("SELECT 1").await?;
         Ok(())
     }
+}
+
+/// The query pool for `url`, migrated.
+async fn connect(url: &str, max_connections: u32) -> Result<AnyPool, StoreError> {
+    install_default_drivers();
+    let sqlite = url.starts_with("sqlite:");
+    let pool = AnyPoolOptions::new()
+        .test_before_acquire(false)
+        .max_connections(max_connections)
+        .min_connections(u32::from(!sqlite))
+        .idle_timeout(Some(Duration::from_mins(10)))
+        .max_lifetime(Some(Duration::from_mins(30)))
+        .acquire_timeout(Duration::from_secs(10))
+        .after_connect(move |conn, _meta| {
+            Box::pin(async move {
+                // Read models are rebuildable from the ledger: NORMAL (no fsync per fold; WAL
+                // still survives a process crash) keeps folds cheap. The ledger's own
+                // connection stays FULL.
+                if sqlite {
+                    conn.execute(
+                        "PRAGMA busy_timeout = 10000; PRAGMA synchronous = NORMAL; PRAGMA journal_mode = WAL;",
+                    )
+                    .await?;
+                }
+                Ok(())
+            })
+        })
+        .connect(url)
+        .await?;
+    MIGRATOR.run(&pool).await?;
+    Ok(pool)
 }

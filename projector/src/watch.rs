@@ -4,18 +4,18 @@
 //! into the same [`ProjectorHandle`] an in-process projector gives: how far the projection is,
 //! and a counter bumped when keys changed.
 //!
-//! Notices are lost while the connection is down, so every (re)connect re-reads the stored
-//! frontier and counts as a key change (the key cache reloads in full). A periodic re-read is
-//! the safety net for anything else missed.
+//! A keys notice names the keys that changed, and the key cache re-reads just those. Notices
+//! are lost while the connection is down, so every (re)connect re-reads the stored frontier and
+//! asks for a full key reload; periodic re-reads are the safety net for anything else missed.
 
 use std::time::Duration;
 
 use claw_ledger::Frontier;
-use serde::Deserialize;
 use sqlx::postgres::PgListener;
 use tokio::sync::watch;
 
-use crate::fold::on_sqlx::{KEYS_CHANNEL, PROGRESS_CHANNEL};
+use crate::fold::on_postgres::{KeysNotice, Progress, KEYS_CHANNEL, PROGRESS_CHANNEL};
+use crate::key_changes::{key_changes, KeyChange, KeyChangesTx};
 use crate::runner::ProjectorHandle;
 use crate::store::{ReadModels, StoreError};
 
@@ -26,13 +26,6 @@ const KEYS_REFRESH: Duration = Duration::from_secs(30);
 /// Longest pause between reconnection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-/// A fold's announcement on [`PROGRESS_CHANNEL`].
-#[derive(Deserialize)]
-struct Progress {
-    source: String,
-    frontier: Frontier,
-}
-
 /// Follows the projection of `source` in the PostgreSQL read models at `url`.
 pub async fn follow_postgres(
     store: ReadModels,
@@ -41,7 +34,7 @@ pub async fn follow_postgres(
 ) -> Result<ProjectorHandle, StoreError> {
     let from = store.next_offsets(source).await?;
     let (applied_tx, applied) = watch::channel(from);
-    let (keys_tx, key_changes) = watch::channel(0);
+    let (keys_tx, key_changes) = key_changes();
     let follower = Follower {
         store,
         url: url.to_owned(),
@@ -58,7 +51,7 @@ struct Follower {
     url: String,
     source: String,
     applied: watch::Sender<Frontier>,
-    keys: watch::Sender<u64>,
+    keys: KeyChangesTx,
 }
 
 impl Follower {
@@ -83,10 +76,6 @@ impl Follower {
         Ok(())
     }
 
-    fn keys_changed(&self) {
-        self.keys.send_modify(|n| *n += 1);
-    }
-
     /// One connection's life: listen, catch up, then follow notices until it drops. Returns
     /// `Ok` only when nobody holds the handle any more.
     async fn listen(&self) -> Result<(), StoreError> {
@@ -96,7 +85,7 @@ impl Follower {
             .await?;
         // Listening first, then reading: nothing committed in between is missed.
         self.reread().await?;
-        self.keys_changed();
+        self.keys.all();
         let mut reread = tokio::time::interval(REREAD);
         let mut refresh = tokio::time::interval(KEYS_REFRESH);
         refresh.tick().await;
@@ -113,17 +102,23 @@ impl Follower {
                             }
                         }
                     }
-                    Some(n) if n.payload() == self.source => self.keys_changed(),
-                    Some(_) => {}
+                    Some(n) => match serde_json::from_str::<KeysNotice>(n.payload()) {
+                        Ok(k) if k.source != self.source => {}
+                        Ok(k) => self.keys.send(k.keys.map_or(KeyChange::All, KeyChange::Keys)),
+                        Err(err) => {
+                            tracing::warn!(error = %err, payload = n.payload(), "unreadable keys notice; reloading every key");
+                            self.keys.all();
+                        }
+                    },
                     // The connection dropped; the next try_recv reconnects. Catch up then.
                     None => {
                         tracing::warn!("read-model notices connection dropped; catching up after reconnect");
                         self.reread().await?;
-                        self.keys_changed();
+                        self.keys.all();
                     }
                 },
                 _ = reread.tick() => self.reread().await?,
-                _ = refresh.tick() => self.keys_changed(),
+                _ = refresh.tick() => self.keys.all(),
             }
         }
     }

@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
 use claw_ledger::{format_time, Envelope, Event, Frontier, KeyCreated, KeyRevoked, ReaderFeed};
-use claw_projector::{parse_time_bound, KeyRecord, UsageFilter};
+use claw_projector::{parse_time_bound, KeyChange, KeyRecord, UsageFilter};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -43,6 +43,7 @@ fn store_error(err: impl std::fmt::Display) -> ApiError {
 
 /// Appends one command event and waits until the projection (and the key cache) show it.
 async fn command(state: &AppState, event: Envelope) -> Result<(), ApiError> {
+    let key = KeyChange::Keys([event.key_id.clone()].into());
     let positions = state
         .appender
         .append(vec![event])
@@ -54,7 +55,7 @@ async fn command(state: &AppState, event: Envelope) -> Result<(), ApiError> {
         .wait_for(&target, PROJECTION_WAIT)
         .await
         .map_err(store_error)?;
-    state.keys.reload().await.map_err(store_error)?;
+    state.keys.refresh(key).await.map_err(store_error)?;
     Ok(())
 }
 
@@ -314,6 +315,12 @@ pub async fn status(_: Admin, State(state): State<Arc<AppState>>) -> Json<Value>
         "mode": state.mode,
         "ledger": {"backend": state.appender.backend(), "ends": ends, "appended_here": appended},
         "outbox": {"backlog": state.outbox.backlog()},
-        "projection": {"source": state.source, "applied": applied, "lag_events": lag},
+        "projection": {
+            "source": state.source,
+            "state": state.projector.condition(lag),
+            "applied": applied,
+            "lag_events": lag,
+            "idle_ms": super::health::millis(state.projector.idle()),
+        },
     }))
 }

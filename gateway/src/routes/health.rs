@@ -1,5 +1,9 @@
 //! `/healthz` (the process is up), `/readyz` (ledger, read models and projector work) and
 //! `/metrics` (Prometheus text). No auth, and nothing secret in them.
+//!
+//! A stalled projection (distributed: the projector service down) shows in `/readyz` but
+//! does not make the gateway unready: it still serves every key it knows, and pulling every
+//! replica out of a load balancer would turn a bookkeeping delay into an outage.
 
 use std::sync::Arc;
 
@@ -20,6 +24,10 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     let store = state.store.ping().await.map_err(|e| e.to_string());
     let projector_running = state.projector.is_running();
     let ready = ledger.is_ok() && store.is_ok() && projector_running;
+    let appended = state.appender.appended().borrow().clone();
+    let applied = state.projector.applied();
+    // Behind what this gateway appended (`status` measures against the whole ledger).
+    let lag = applied.behind(&appended);
     let show = |r: &Result<(), String>| r.as_ref().map_or_else(Clone::clone, |()| "ok".to_owned());
     let body = json!({
         "status": if ready { "ready" } else { "not_ready" },
@@ -27,9 +35,11 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         "read_models": show(&store),
         "mode": state.mode,
         "projector": {
-            "state": if projector_running { "running" } else { "stopped" },
-            "applied": state.projector.applied(),
-            "appended": state.appender.appended().borrow().clone(),
+            "state": state.projector.condition(lag),
+            "applied": applied,
+            "appended": appended,
+            "lag_events": lag,
+            "idle_ms": millis(state.projector.idle()),
         },
         "outbox": {"backlog": state.outbox.backlog()},
     });
@@ -39,6 +49,11 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, Json(body))
+}
+
+/// A duration as whole milliseconds, for JSON.
+pub(crate) fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 pub async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {

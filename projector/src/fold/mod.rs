@@ -7,20 +7,21 @@
 //! [`claims`] of the batch's event ids (whose `RETURNING` says which are new), then the
 //! [`plan`] for the new ones. Statements, not rows, are what a fold costs, so a batch's
 //! requests are written with multi-row statements and its totals are summed in memory first.
-//! How the statements run is the executor's business: [`on_sqlx`] (PostgreSQL, scratch
-//! projections) or [`on_writer`] (the embedded file's writer thread).
+//! How the statements run is the executor's business: [`on_postgres`] (a `PgPool`
+//! transaction) or [`on_writer`] (an SQLite file's writer thread: embedded, and scratch
+//! projections).
 
-pub mod on_sqlx;
+pub mod on_postgres;
 pub mod on_writer;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::hash::BuildHasher;
 
 use claw_ledger::{format_time, Event, Frontier, Recorded, RequestServed};
 use rust_decimal::prelude::ToPrimitive;
 use rust_decimal::Decimal;
 
-use crate::store::{ReadModels, StoreError};
+use crate::store::{Folds, ReadModels, StoreError};
 
 /// Rows per multi-row statement (the widest has 12 columns: 768 parameters).
 const ROWS_PER_STATEMENT: usize = 64;
@@ -32,8 +33,8 @@ const IDS_PER_CLAIM: usize = 512;
 pub struct FoldOutcome {
     /// Events newly applied (duplicates excluded).
     pub applied: usize,
-    /// Whether any key was created or revoked.
-    pub keys_changed: bool,
+    /// The keys (by id) that were created or revoked.
+    pub changed_keys: BTreeSet<String>,
     /// The frontier just past the batch (its offsets as now stored).
     pub reached: Frontier,
 }
@@ -242,7 +243,7 @@ pub fn plan<S: BuildHasher>(
         let at = format_time(env.occurred_at);
         match &env.event {
             Event::KeyCreated(k) => {
-                outcome.keys_changed = true;
+                outcome.changed_keys.insert(env.key_id.clone());
                 statements.push(
                     Statement::new(
                         "INSERT INTO keys (id, name, key_prefix, key_hash, rpm_limit, admin_allowed, created_at)
@@ -258,7 +259,7 @@ pub fn plan<S: BuildHasher>(
                 );
             }
             Event::KeyRevoked(r) => {
-                outcome.keys_changed = true;
+                outcome.changed_keys.insert(env.key_id.clone());
                 statements.push(
                     Statement::new(
                         "UPDATE keys SET revoked_at = $2, revoke_reason = $3 WHERE id = $1 AND revoked_at IS NULL",
@@ -383,9 +384,9 @@ impl ReadModels {
             return Ok(FoldOutcome::default());
         }
         let started = std::time::Instant::now();
-        let outcome = match &self.writer {
-            Some(writer) => on_writer::fold(writer, source, batch).await?,
-            None => on_sqlx::fold(&self.pool, self.postgres, source, batch).await?,
+        let outcome = match &self.folds {
+            Folds::Writer(writer) => on_writer::fold(writer, source, batch).await?,
+            Folds::Postgres(pool) => on_postgres::fold(pool, source, batch).await?,
         };
         metrics::histogram!("claw_projector_fold_seconds").record(started.elapsed().as_secs_f64());
         #[allow(clippy::cast_precision_loss)]

@@ -32,6 +32,22 @@ async fn wait_applied_past(stack: &Stack, past: u64, within: Duration, what: &st
     }
 }
 
+/// Waits until gateway 0's status shows the projection in `state`; returns that status part.
+async fn wait_projection_state(stack: &Stack, state: &str, within: Duration) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let projection = stack.admin_get(0, "/claw/v1/status").await["projection"].take();
+        if projection["state"] == state {
+            return projection;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the projection is not {state} after {within:?}: {projection}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn projector_killed_mid_stream_resumes_without_drift() {
     let _serial = crate::support::serial().await;
@@ -58,10 +74,16 @@ async fn projector_killed_mid_stream_resumes_without_drift() {
     stack.projectors[0].kill();
     note!("projector (pid {pid}) killed at {folding} events folded");
 
-    // The ledger runs ahead while no projector folds.
+    // The ledger runs ahead while no projector folds, and the gateway says the projection
+    // has stalled (still ready: it serves every key it knows).
     traffic
         .wait_for_more(100, Duration::from_secs(30), "with no projector")
         .await;
+    let stalled = wait_projection_state(&stack, "stalled", Duration::from_secs(30)).await;
+    note!("status says the projection stalled: {stalled}");
+    let ready = stack.admin_get(0, "/readyz").await;
+    assert_eq!(ready["status"], "ready", "{ready}");
+    assert_eq!(ready["projector"]["state"], "stalled", "{ready}");
     let at_restart = applied(&stack).await;
     note!("{at_restart} events folded when the new projector starts");
 
@@ -81,6 +103,7 @@ async fn projector_killed_mid_stream_resumes_without_drift() {
     traffic
         .wait_for_more(50, Duration::from_secs(30), "after the new projector")
         .await;
+    wait_projection_state(&stack, "running", Duration::from_secs(30)).await;
 
     let outcomes = traffic.stop().await;
     stack.assert_all_running();

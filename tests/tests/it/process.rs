@@ -367,6 +367,28 @@ async fn a_revoked_key_is_refused_as_soon_as_revoke_returns() {
         ),
         "no KeyRevoked event for {id}"
     );
+
+    // The cache re-read the changed keys one by one, never all of them again after start-up.
+    let metrics = gw
+        .http
+        .get(format!("{}/metrics", gw.url))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    let reloads = |scope: &str| {
+        claw_tests::prometheus::sample(
+            &metrics,
+            &format!("claw_key_cache_reloads_total{{scope=\"{scope}\"}}"),
+        )
+    };
+    assert!(reloads("all").is_none_or(|n| n < 1.0), "{metrics}");
+    assert!(
+        reloads("keys").is_some_and(|n| n >= 3.0),
+        "two creates and a revoke: {metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
