@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use crate::event::Envelope;
 use crate::log::{Appender, LedgerError, LedgerReader, Recorded};
 use crate::position::{Frontier, Position};
-use crate::writer::{seq_to_offset, Row, SqliteWriter, CHECKPOINT_EVERY};
+use crate::writer::{seq_to_offset, Durability, Row, SqliteWriter, CHECKPOINT_EVERY};
 
 /// The embedded log is one partition.
 pub const EMBEDDED_PARTITION: i32 = 0;
@@ -46,12 +46,26 @@ impl SqliteLedger {
         Self::open_with_checkpoints(path, CHECKPOINT_EVERY).await
     }
 
+    /// Opens a file whose contents can be rebuilt (a scratch projection folded through its
+    /// writer): nothing fsync'ed, a large page cache.
+    pub async fn open_disposable(path: &Path) -> Result<Self, LedgerError> {
+        Self::start(path, CHECKPOINT_EVERY, Durability::Disposable).await
+    }
+
     /// [`open`](Self::open), checkpointing the write-ahead log every `checkpoint_every`.
     pub async fn open_with_checkpoints(
         path: &Path,
         checkpoint_every: Duration,
     ) -> Result<Self, LedgerError> {
-        let (writer, head) = SqliteWriter::start(path, checkpoint_every)?;
+        Self::start(path, checkpoint_every, Durability::Durable).await
+    }
+
+    async fn start(
+        path: &Path,
+        checkpoint_every: Duration,
+        durability: Durability,
+    ) -> Result<Self, LedgerError> {
+        let (writer, head) = SqliteWriter::start(path, checkpoint_every, durability)?;
         let reader = SqlitePoolOptions::new()
             .test_before_acquire(false)
             .max_connections(4)

@@ -96,8 +96,12 @@ impl SqliteWriter {
     pub(crate) fn start(
         path: &Path,
         checkpoint_every: Duration,
+        durability: Durability,
     ) -> Result<(Self, watch::Receiver<Frontier>), LedgerError> {
         let conn = open_connection(path)?;
+        if durability == Durability::Disposable {
+            conn.pragma_update(None, "cache_size", DISPOSABLE_CACHE_KIB)?;
+        }
         conn.execute(CREATE_LEDGER, [])?;
         let next: i64 =
             conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM ledger", [], |r| r.get(0))?;
@@ -123,6 +127,7 @@ impl SqliteWriter {
             .spawn(move || {
                 Writer {
                     conn,
+                    durability,
                     head: head_tx,
                     durable: None,
                     backfilled,
@@ -172,6 +177,19 @@ impl SqliteWriter {
     }
 }
 
+/// What a database file's commits are worth.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// The ledger's: every commit of an append is fsync'ed before it is acknowledged.
+    Durable,
+    /// Rebuilt from elsewhere when lost (a scratch projection): nothing is fsync'ed, and the
+    /// page cache holds a replay's working set, so large transactions do not spill.
+    Disposable,
+}
+
+/// The page cache of a disposable file, in KiB (as `PRAGMA cache_size` takes it: negative).
+const DISPOSABLE_CACHE_KIB: i64 = -262_144;
+
 fn open_connection(path: &Path) -> Result<Connection, rusqlite::Error> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
@@ -184,6 +202,7 @@ fn open_connection(path: &Path) -> Result<Connection, rusqlite::Error> {
 /// The writer thread's state.
 struct Writer {
     conn: Connection,
+    durability: Durability,
     /// The log's end (partition 0's next offset), published after each commit.
     head: watch::Sender<Frontier>,
     /// The `synchronous` setting the connection has now (`None` until first set).
@@ -245,7 +264,11 @@ impl Writer {
     /// Sets `synchronous` for the next commits, if it is not set so already.
     fn set_durable(&mut self, durable: bool) -> Result<(), rusqlite::Error> {
         if self.durable != Some(durable) {
-            let mode = if durable { "FULL" } else { "NORMAL" };
+            let mode = match (self.durability, durable) {
+                (Durability::Disposable, _) => "OFF",
+                (Durability::Durable, true) => "FULL",
+                (Durability::Durable, false) => "NORMAL",
+            };
             self.conn.pragma_update(None, "synchronous", mode)?;
             self.durable = Some(durable);
         }

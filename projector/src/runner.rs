@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use claw_ledger::{Feed, Frontier, LedgerError, LedgerReader, ReaderFeed, StartPositions};
+use futures::{StreamExt as _, TryStreamExt as _};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -24,8 +25,11 @@ pub const EMBEDDED_SOURCE: &str = "ledger";
 /// Events folded per transaction at most while following. Embedded, a fold holds the
 /// database file's one writer, and appends wait behind it: short turns keep their wait short.
 pub const BATCH: usize = 16;
-/// Events folded per transaction when replaying into a scratch projection (nobody waits).
-const REPLAY_BATCH: usize = 4096;
+/// Events folded per transaction when replaying into a scratch projection (nobody waits):
+/// few commits, since each rewrites the pages the batch touched.
+const REPLAY_BATCH: usize = 16_384;
+/// Partitions replayed at once.
+const REPLAY_PARTITIONS: usize = 3;
 /// When fewer than a batch are waiting, how long to let more gather before folding: under
 /// load this turns many one-event transactions into fewer, fuller ones (commands wait this
 /// much longer).
@@ -154,40 +158,57 @@ impl Projector {
     }
 }
 
-/// Folds the whole of `log` below `until` into `store` (used to build a scratch projection),
-/// partition by partition (a key's events share one, so per-key order holds), reading the
-/// next batch while the last one folds.
+/// Folds the whole of `log` below `until` into `store` (used to build a scratch projection).
+/// Partitions are independent (a key's events share one, so per-key order holds within it):
+/// up to [`REPLAY_PARTITIONS`] are replayed at once, each reading its next batch while the
+/// last one folds, so reading and decoding run on other cores while the writer folds.
 pub async fn replay(
     log: Arc<dyn LedgerReader>,
     store: &ReadModels,
     until: &Frontier,
 ) -> Result<Frontier, StoreError> {
-    let mut reached = store.next_offsets(EMBEDDED_SOURCE).await?;
-    for (partition, end) in until.iter() {
-        let read = |from: u64| {
-            let log = log.clone();
-            let limit = usize::try_from(end.saturating_sub(from))
-                .unwrap_or(REPLAY_BATCH)
-                .min(REPLAY_BATCH);
-            async move {
-                if limit == 0 {
-                    Ok(Vec::new())
-                } else {
-                    log.read(partition, from, limit).await
-                }
+    let from = store.next_offsets(EMBEDDED_SOURCE).await?;
+    let partitions = until.iter().map(|(partition, end)| {
+        replay_partition(log.clone(), store, partition, from.next(partition), end)
+    });
+    let reached: Vec<(i32, u64)> = futures::stream::iter(partitions)
+        .buffer_unordered(REPLAY_PARTITIONS)
+        .try_collect()
+        .await?;
+    Ok(reached.into_iter().collect())
+}
+
+/// Replays `partition` from `from` up to `end`; returns it with its next offset.
+async fn replay_partition(
+    log: Arc<dyn LedgerReader>,
+    store: &ReadModels,
+    partition: i32,
+    from: u64,
+    end: u64,
+) -> Result<(i32, u64), StoreError> {
+    let read = |from: u64| {
+        let log = log.clone();
+        let limit = usize::try_from(end.saturating_sub(from))
+            .unwrap_or(REPLAY_BATCH)
+            .min(REPLAY_BATCH);
+        async move {
+            if limit == 0 {
+                Ok(Vec::new())
+            } else {
+                log.read(partition, from, limit).await
             }
-        };
-        let mut batch = read(reached.next(partition)).await?;
-        while let Some(last) = batch.last() {
-            let next = last.offset + 1;
-            let (folded, following) =
-                tokio::join!(store.fold_batch(EMBEDDED_SOURCE, &batch), read(next));
-            folded?;
-            reached.advance(partition, next);
-            batch = following?;
         }
+    };
+    let mut next = from;
+    let mut batch = read(next).await?;
+    while let Some(last) = batch.last() {
+        next = last.offset + 1;
+        let (folded, following) =
+            tokio::join!(store.fold_batch(EMBEDDED_SOURCE, &batch), read(next));
+        folded?;
+        batch = following?;
     }
-    Ok(reached)
+    Ok((partition, next))
 }
 
 impl ProjectorHandle {

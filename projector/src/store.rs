@@ -94,12 +94,18 @@ impl ReadModels {
     }
 
     /// A private projection in a temporary file of its own, gone with its last handle (audits
-    /// replay into one).
+    /// replay into one). It is disposable (nothing fsync'ed), and it has no index on
+    /// `requests` but the primary key: the time indexes serve only windowed usage queries, and
+    /// maintaining them was most of a replay's cost.
     pub async fn open_scratch() -> Result<Self, StoreError> {
         let dir = tempfile::tempdir().map_err(StoreError::backend)?;
         let path = dir.path().join("scratch.db");
-        let writer = SqliteLedger::open(&path).await?.writer();
+        let writer = SqliteLedger::open_disposable(&path).await?.writer();
         let mut store = Self::open_sqlite(&path, writer).await?;
+        store
+            .pool
+            .execute("DROP INDEX requests_by_key_time; DROP INDEX requests_by_time;")
+            .await?;
         store.scratch_dir = Some(Arc::new(dir));
         Ok(store)
     }

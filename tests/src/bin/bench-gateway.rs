@@ -42,6 +42,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use claw_tests::backends::Distributed;
+use claw_tests::process::process_ticks;
 use claw_tests::prometheus;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -419,15 +420,6 @@ impl StreamScan {
             Outcome::Ok
         }
     }
-}
-
-/// CPU time of a process (utime + stime), in clock ticks.
-fn process_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the parenthesised command name; utime and stime are 14 and 15.
-    let rest = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
 }
 
 /// CPU ticks of every process now running, by pid. (`/proc/stat`'s machine-wide

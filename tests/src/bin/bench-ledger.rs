@@ -8,7 +8,8 @@
 //!   from the append until the projection (as a gateway sees it: the fold's `NOTIFY`) covers
 //!   the event; percentiles.
 //! - `audit`: how long `audit` takes over a ledger of `--events` events (the replay of every
-//!   partition into a scratch projection and the comparison), after the projector folded them.
+//!   partition into a scratch projection and the comparison), after the projector folded them,
+//!   and its CPU time; then its floor: reading the same events back without folding.
 //!
 //! ```text
 //! bench-ledger throughput [--events 200000]
@@ -300,18 +301,46 @@ async fn audit(events: usize) -> Result<serde_json::Value, Error> {
         .await?;
     let projected = started.elapsed();
     let reader: Arc<dyn claw_ledger::LedgerReader> = bench.ledger.clone();
+    let cpu = cpu_seconds();
     let audit_started = Instant::now();
-    let report = claw_projector::audit::audit(reader, &bench.store, &bench.backends.topic).await?;
+    let report =
+        claw_projector::audit::audit(reader.clone(), &bench.store, &bench.backends.topic).await?;
     let audited = audit_started.elapsed();
+    let audit_cpu = cpu_seconds() - cpu;
+    // The floor: reading the same events back, every partition in pages, without folding.
+    let cpu = cpu_seconds();
+    let read_started = Instant::now();
+    let mut read = 0;
+    for (partition, end) in report.until.iter() {
+        let mut from = 0;
+        while from < end {
+            let page = reader.read(partition, from, 4096).await?;
+            let Some(last) = page.last() else { break };
+            from = last.offset + 1;
+            read += page.len();
+        }
+    }
+    let read_s = read_started.elapsed();
+    let read_cpu = cpu_seconds() - cpu;
     Ok(json!({
         "mode": "audit",
         "events": events,
         "appended_s": appended.as_secs_f64(),
         "projected_s": projected.as_secs_f64(),
         "audit_s": audited.as_secs_f64(),
+        "audit_cpu_s": audit_cpu,
         "audited_events": report.events,
         "drift": report.drift,
+        "floor_read_s": read_s.as_secs_f64(),
+        "floor_read_cpu_s": read_cpu,
+        "floor_read_events": read,
     }))
+}
+
+/// CPU seconds this process has used (every thread: librdkafka's, the writer's, tokio's).
+#[allow(clippy::cast_precision_loss)]
+fn cpu_seconds() -> f64 {
+    claw_tests::process::process_ticks(std::process::id()).unwrap_or(0) as f64 / 100.0
 }
 
 #[tokio::main]
