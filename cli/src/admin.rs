@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use crate::output;
 
 /// A CLI failure: printed as `error: …`, exit 1.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum CliError {
     #[error("No response from gateway at {0}. Is ɳClaw running?")]
     Unreachable(String),
@@ -187,6 +187,8 @@ pub async fn test(
         .map_err(|_| client.unreachable())?;
     let ready_ok = ready.status().is_success();
     let readiness: Value = ready.json().await.unwrap_or(Value::Null);
+    // The admin status, when the credential is at hand: the tiers and the backends.
+    let status = client.json(client.get("/claw/v1/status")).await;
     let models: Vec<String> = if let Some(secret) = key {
         let response = client
             .get("/v1/models")
@@ -207,8 +209,7 @@ pub async fn test(
         let body: Value = response.json().await.unwrap_or(Value::Null);
         ids(&body["data"], "id")
     } else {
-        let status = client.json(client.get("/claw/v1/status")).await?;
-        status["models"]
+        status.clone()?["models"]
             .as_array()
             .map(|m| {
                 m.iter()
@@ -221,6 +222,40 @@ pub async fn test(
         output::error(&format!("Gateway is reachable but not ready: {readiness}"));
         return Ok(ExitCode::from(1));
     }
+    // Which tiers can serve; with a key alone (no admin status), the models it can see
+    // stand in for them.
+    let tiers: Vec<Value> = status
+        .as_ref()
+        .ok()
+        .and_then(|s| s["tiers"].as_array().cloned())
+        .unwrap_or_default();
+    let serving = if status.is_ok() {
+        tiers.iter().any(|t| t["available"] == true)
+    } else {
+        !models.is_empty()
+    };
+    if !serving {
+        let why: Vec<String> = tiers
+            .iter()
+            .map(|t| {
+                format!(
+                    "{} ({}) {}",
+                    output::cell(&t["tier"]),
+                    output::cell(&t["provider"]),
+                    output::cell(&t["state"])
+                )
+            })
+            .collect();
+        output::error(&format!(
+            "Gateway is reachable, but no tier can serve requests{}.",
+            if why.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", why.join(", "))
+            }
+        ));
+        return Ok(ExitCode::from(1));
+    }
     output::success(&format!(
         "Gateway is reachable. {} models available.",
         models.len()
@@ -230,9 +265,9 @@ pub async fn test(
         for m in &models {
             println!("  {m}");
         }
-        match client.json(client.get("/claw/v1/status")).await {
+        match status {
             Ok(status) => {
-                output::tiers(status["tiers"].as_array().map_or(&[][..], Vec::as_slice));
+                output::tiers(&tiers);
                 output::backends(&status);
             }
             Err(err) => println!("Tiers: unavailable ({err})"),

@@ -43,7 +43,7 @@ pub fn json(value: &Value) {
 }
 
 /// A value for a table cell: strings as they are, null as `-`.
-fn cell(value: &Value) -> String {
+pub fn cell(value: &Value) -> String {
     match value {
         Value::Null => "-".to_owned(),
         Value::String(s) if s.is_empty() => "-".to_owned(),

@@ -308,6 +308,7 @@ impl Router {
             } else {
                 "unreachable"
             },
+            available: false,
             detail: format!(
                 "{}/{} in flight, {} queued, model {}",
                 load.in_flight, load.capacity, load.queued, self.models.ollama
@@ -324,6 +325,7 @@ impl Router {
                     tier: provider.tier(),
                     provider,
                     state: b.circuit.describe(),
+                    available: false,
                     detail: b.provider.status_detail().unwrap_or_default(),
                     load: None,
                 },
@@ -331,10 +333,14 @@ impl Router {
                     tier: provider.tier(),
                     provider,
                     state: "unconfigured",
+                    available: false,
                     detail: format!("set {variable}"),
                     load: None,
                 },
             });
+        }
+        for s in &mut states {
+            s.available = matches!(s.state, "up" | "probing");
         }
         states
     }
@@ -394,6 +400,8 @@ pub struct TierState {
     pub tier: Tier,
     pub provider: Provider,
     pub state: &'static str,
+    /// Whether the tier can take a request now (configured, reachable, its circuit not open).
+    pub available: bool,
     pub detail: String,
     /// In flight, capacity and queue, for tiers with a capacity.
     #[serde(skip_serializing_if = "Option::is_none")]

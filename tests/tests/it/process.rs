@@ -497,6 +497,33 @@ async fn api_test_reports_reachability_and_bad_keys() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn api_test_fails_when_no_tier_can_serve() {
+    let mut gw = GatewayProcess::start().await;
+    let (_, secret) = gw.create_key("probe", 60).await;
+    let out = gw.cli(&["test", "--key", &secret]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+
+    // The only configured tier goes away: the gateway still answers, but cannot serve.
+    let replacement = claw_tests::fake_ollama::FakeOllama::start().await;
+    std::mem::replace(&mut gw.ollama, replacement).stop();
+    for args in [
+        vec!["test"],
+        vec!["test", "--key", &secret],
+        vec!["test", "--verbose"],
+    ] {
+        let out = gw.cli(&args).await;
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", describe(&out));
+        assert_no_colour(&out);
+        let msg = all_output(&out);
+        assert!(
+            msg.contains("Gateway is reachable, but no tier can serve requests: local (ollama) unreachable, free_gemini (gemini) unconfigured"),
+            "{args:?}: {msg}"
+        );
+        assert!(!msg.contains("models available"), "{args:?}: {msg}");
+    }
+}
+
 const ENVELOPE_FIELDS: &[&str] = &[
     "event_id",
     "event_type",
