@@ -10,8 +10,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-echo "==> build dependencies (Debian packages)"
-scripts/build-deps.sh
+echo "==> Debian packages: the build's, and the tests' (nginx)"
+scripts/debian-deps.sh build
+scripts/debian-deps.sh test
 
 echo "==> services: PostgreSQL and Kafka on loopback"
 scripts/services.sh up

@@ -24,6 +24,9 @@ use crate::openai::parse_body;
 use crate::routes::RequestId;
 use crate::state::AppState;
 
+/// nginx's per-response switch for proxy buffering.
+const X_ACCEL_BUFFERING: header::HeaderName = header::HeaderName::from_static("x-accel-buffering");
+
 /// Frames written to the client in one go at most, when several are ready.
 const FRAMES_PER_WRITE: usize = 32;
 
@@ -45,6 +48,8 @@ fn sse_response(frames: tokio::sync::mpsc::Receiver<String>) -> Response {
         [
             (header::CONTENT_TYPE, "text/event-stream"),
             (header::CACHE_CONTROL, "no-cache"),
+            // Reverse proxies that buffer by default (nginx) pass each event on at once.
+            (X_ACCEL_BUFFERING, "no"),
         ],
         Body::from_stream(body),
     )

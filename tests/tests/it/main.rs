@@ -9,6 +9,7 @@ mod chat;
 mod failures;
 mod gemini;
 mod keep_alive;
+mod nginx;
 mod openai;
 mod process;
 mod process_support;

@@ -1,21 +1,29 @@
 #!/usr/bin/env bash
-# The Debian packages the Rust build needs beyond the toolchain, installed only when missing
+# The Debian packages the project needs beyond the toolchain, installed only when missing
 # (idempotent: with everything present it changes nothing and never touches the network).
 #
+# build: what the Rust build needs
 #   cmake                 builds the bundled librdkafka (rdkafka's `cmake-build` feature)
 #   libcurl4-openssl-dev  librdkafka's HTTP client headers (without it: `curl/curl.h: No such file`)
 #   pkg-config            lets build scripts find the system libraries
 #   libssl-dev            OpenSSL headers for librdkafka's TLS (and crates that link OpenSSL)
 #   g++                   C/C++ compiler for librdkafka and other native code
+# test: what the tests start besides the project's own binaries
+#   nginx-light           the reverse proxy in front of the gateway (nginx/conf.d)
 #
-# Usage: scripts/build-deps.sh        (as root, or with passwordless sudo)
+# Usage: scripts/debian-deps.sh build|test   (as root, or with passwordless sudo)
 set -euo pipefail
 
-PACKAGES=(cmake libcurl4-openssl-dev pkg-config libssl-dev g++)
+SET="${1:-}"
+case "$SET" in
+  build) PACKAGES=(cmake libcurl4-openssl-dev pkg-config libssl-dev g++) ;;
+  test) PACKAGES=(nginx-light) ;;
+  *) echo "usage: $0 build|test" >&2; exit 2 ;;
+esac
 
 export DEBIAN_FRONTEND=noninteractive
 
-log() { printf 'build-deps: %s\n' "$*" >&2; }
+log() { printf 'debian-deps %s: %s\n' "$SET" "$*" >&2; }
 
 as_root() {
   if [ "$(id -u)" = 0 ]; then "$@"; else sudo -n "$@"; fi
