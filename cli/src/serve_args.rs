@@ -160,6 +160,15 @@ pub struct ServeArgs {
     #[arg(long, env = "CLAW_PRICES_FILE")]
     pub prices_file: Option<PathBuf>,
 
+    /// A file whose text replaces the shipped nSelf expert prompt (`x-nself-app: true`).
+    #[arg(long, env = "CLAW_APP_PROMPT_FILE")]
+    pub app_prompt_file: Option<PathBuf>,
+
+    /// A file whose text replaces the shipped admin-mode prompt (`x-nself-admin: true`); the
+    /// gateway's live state is appended to it.
+    #[arg(long, env = "CLAW_ADMIN_PROMPT_FILE")]
+    pub admin_prompt_file: Option<PathBuf>,
+
     /// Request bodies larger than this get 413.
     #[arg(long, env = "CLAW_MAX_BODY_BYTES", default_value_t = 10_485_760)]
     pub max_body_bytes: usize,
@@ -206,6 +215,8 @@ impl ServeArgs {
             anthropic_base_url: self.anthropic_base_url,
             anthropic_model: self.anthropic_model,
             prices_file: self.prices_file,
+            app_prompt_file: self.app_prompt_file,
+            admin_prompt_file: self.admin_prompt_file,
             max_body_bytes: self.max_body_bytes,
             connect_timeout_ms: self.connect_timeout_ms,
             first_byte_timeout_ms: self.first_byte_timeout_ms,

@@ -35,6 +35,8 @@ pub struct RequestRecord {
     pub model_requested: String,
     pub stream: bool,
     pub started: Instant,
+    /// Served in admin mode (`x-nself-admin`); marked in the ledger.
+    pub admin_mode: bool,
     /// Fall-throughs so far, in order.
     pub fallbacks: Vec<Envelope>,
 }
@@ -96,6 +98,7 @@ impl RequestRecord {
             latency_ms,
             ttft_ms: outcome.ttft_ms,
             session_id: None,
+            admin_mode: self.admin_mode,
         };
         let mut events = std::mem::take(&mut self.fallbacks);
         events.push(Envelope::new(

@@ -91,6 +91,12 @@ pub struct Settings {
     pub prices_file: Option<PathBuf>,
 
     /// Request bodies larger than this get 413.
+    /// Replaces the shipped nSelf expert prompt.
+    pub app_prompt_file: Option<PathBuf>,
+
+    /// Replaces the shipped admin-mode prompt.
+    pub admin_prompt_file: Option<PathBuf>,
+
     pub max_body_bytes: usize,
 
     /// Upstream connect timeout, in milliseconds.

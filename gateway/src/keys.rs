@@ -245,6 +245,14 @@ impl KeyCache {
         }
     }
 
+    /// How many active keys the cache holds.
+    pub fn active_count(&self) -> usize {
+        self.active
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
+    }
+
     /// Sets how many gateways share the keys' rate limits; when it changes, every key's bucket
     /// starts over at its new share (a moment's leeway, not a lockout).
     pub fn set_replicas(&self, replicas: u32) {

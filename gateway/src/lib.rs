@@ -11,6 +11,7 @@ pub mod config;
 pub mod error;
 pub mod exchange;
 pub mod keys;
+pub mod nself;
 pub mod openai;
 pub mod pricing;
 pub mod providers;

@@ -16,6 +16,8 @@ use rand::distr::{Alphanumeric, SampleString};
 use crate::capacity::Capacity;
 use crate::config::Settings;
 use crate::keys::KeyCache;
+use crate::nself::admin::UsageCache;
+use crate::nself::Prompts;
 use crate::pricing::{PriceError, PriceTable};
 use crate::providers::anthropic::Anthropic;
 use crate::providers::gemini::Gemini;
@@ -259,6 +261,11 @@ pub async fn open(settings: Settings) -> Result<Arc<AppState>, StartError> {
     let timeouts = settings.timeouts();
     let router = Arc::new(tiers(&settings, timeouts)?);
     let prices = Arc::new(PriceTable::load(settings.prices_file.as_deref())?);
+    let prompts = Prompts::load(
+        settings.app_prompt_file.as_deref(),
+        settings.admin_prompt_file.as_deref(),
+    )
+    .map_err(StartError::Config)?;
     router.refresh_models().await;
     router.follow_models();
     Ok(Arc::new(AppState {
@@ -276,6 +283,8 @@ pub async fn open(settings: Settings) -> Result<Arc<AppState>, StartError> {
         producer,
         metrics: metrics_handle(),
         prices,
+        prompts,
+        admin_usage: UsageCache::default(),
         started_at: chrono::Utc::now().timestamp(),
     }))
 }

@@ -12,6 +12,8 @@ use crate::accounting::RequestRecord;
 use crate::config::Settings;
 use crate::exchange::ExchangeDeps;
 use crate::keys::KeyCache;
+use crate::nself::admin::UsageCache;
+use crate::nself::Prompts;
 use crate::pricing::PriceTable;
 use crate::router::Router;
 
@@ -41,6 +43,10 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// What paid models cost.
     pub prices: Arc<PriceTable>,
+    /// The system prompts of the nSelf features.
+    pub prompts: Prompts,
+    /// Today's usage as admin mode last read it.
+    pub admin_usage: UsageCache,
     /// Unix seconds at start, shown as `created` of listed models.
     pub started_at: i64,
 }
@@ -64,6 +70,7 @@ impl AppState {
             model_requested: model_requested.to_owned(),
             stream,
             started,
+            admin_mode: false,
             fallbacks: Vec::new(),
         }
     }

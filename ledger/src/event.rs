@@ -190,6 +190,9 @@ pub struct RequestServed {
     /// Time to first token, for streams.
     pub ttft_ms: Option<u64>,
     pub session_id: Option<String>,
+    /// Served in admin mode (`x-nself-admin: true`, an admin key); absent otherwise.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub admin_mode: bool,
 }
 
 /// Why an attempt fell through to the next tier.

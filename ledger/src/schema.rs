@@ -26,13 +26,23 @@ fn generate<T: JsonSchema>() -> Value {
     value
 }
 
+/// Fields added to version 1 after it was published: written only when they say something,
+/// and optional, so that the events written before them still validate.
+const ADDED_IN_V1: &[&str] = &["admin_mode"];
+
 /// The ledger always writes every field (nullable ones as `null`), so every property of every
-/// object is required; schemars leaves `Option` fields optional by default.
+/// object is required, except [`ADDED_IN_V1`]; schemars leaves `Option` fields optional by
+/// default.
 fn require_every_property(value: &mut Value) {
     match value {
         Value::Object(map) => {
             if let Some(Value::Object(props)) = map.get("properties") {
-                let names: Vec<Value> = props.keys().cloned().map(Value::String).collect();
+                let names: Vec<Value> = props
+                    .keys()
+                    .filter(|name| !ADDED_IN_V1.contains(&name.as_str()))
+                    .cloned()
+                    .map(Value::String)
+                    .collect();
                 map.insert("required".into(), Value::Array(names));
             }
             map.values_mut().for_each(require_every_property);

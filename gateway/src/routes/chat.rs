@@ -15,10 +15,11 @@ use claw_ledger::Endpoint;
 use futures::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::{body_or_error, check_admin_mode, with_served_by};
+use super::{body_or_error, with_served_by};
 use crate::auth::GatewayKey;
 use crate::error::ApiError;
 use crate::exchange::ChatJob;
+use crate::nself::Features;
 use crate::openai::chat::ChatCompletionRequest;
 use crate::openai::parse_body;
 use crate::routes::RequestId;
@@ -67,19 +68,22 @@ pub async fn completions(
     let body = body_or_error(body, state.settings.max_body_bytes)?;
     let request: ChatCompletionRequest = parse_body(&body)?;
     let (messages, params) = request.validate()?;
-    check_admin_mode(&headers, key.record.admin_allowed)?;
+    let features = Features::requested(&headers, key.record.admin_allowed)?;
     let plan = state.router.chat_plan(&request.model)?;
     let stream = request.is_stream();
+    let messages = features.apply(&state, messages).await;
+    let mut record = state.request_record(
+        &key.record.id,
+        request_id,
+        Endpoint::ChatCompletions,
+        &request.model,
+        stream,
+        started,
+    );
+    record.admin_mode = features.admin;
     let job = ChatJob {
         deps: state.exchange_deps(),
-        record: state.request_record(
-            &key.record.id,
-            request_id,
-            Endpoint::ChatCompletions,
-            &request.model,
-            stream,
-            started,
-        ),
+        record,
         plan,
         messages,
         params,

@@ -11,10 +11,11 @@ use axum::{Extension, Json};
 use bytes::Bytes;
 use claw_ledger::Endpoint;
 
-use super::{body_or_error, check_admin_mode, with_served_by};
+use super::{body_or_error, with_served_by};
 use crate::auth::GatewayKey;
 use crate::error::ApiError;
 use crate::exchange::EmbedJob;
+use crate::nself::Features;
 use crate::openai::embeddings::{EmbeddingRequest, EncodingFormat};
 use crate::openai::{encode, parse_body};
 use crate::routes::RequestId;
@@ -31,7 +32,7 @@ pub async fn create(
     let body = body_or_error(body, state.settings.max_body_bytes)?;
     let request: EmbeddingRequest = parse_body(&body)?;
     let inputs = request.texts()?;
-    check_admin_mode(&headers, key.record.admin_allowed)?;
+    Features::requested(&headers, key.record.admin_allowed)?;
     let job = EmbedJob {
         deps: state.exchange_deps(),
         record: state.request_record(

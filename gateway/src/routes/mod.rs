@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Request};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{delete, get, post};
@@ -81,22 +81,6 @@ pub fn body_or_error(body: Result<Bytes, BytesRejection>, limit: usize) -> Resul
             )
         }
     })
-}
-
-/// Refuses admin mode (`x-nself-admin: true`) for keys without `admin_allowed`.
-pub fn check_admin_mode(headers: &HeaderMap, admin_allowed: bool) -> Result<(), ApiError> {
-    let asked = headers
-        .get("x-nself-admin")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("true"));
-    if asked && !admin_allowed {
-        metrics::counter!("claw_requests_refused_total", "reason" => "permission_denied")
-            .increment(1);
-        return Err(ApiError::permission_denied(
-            "This key is not allowed to use admin mode (x-nself-admin).",
-        ));
-    }
-    Ok(())
 }
 
 /// Adds `x-nself-tier` and `x-nself-provider` to a served response.

@@ -94,6 +94,7 @@ fn served(key_id: &str, n: u64) -> Envelope {
             latency_ms: 830,
             ttft_ms: None,
             session_id: None,
+            admin_mode: false,
         }),
     )
 }

@@ -29,6 +29,7 @@ pub fn sample_events(key_id: &str) -> Vec<Envelope> {
         latency_ms: 830,
         ttft_ms: Some(95),
         session_id: None,
+        admin_mode: false,
     };
     vec![
         Envelope::new(

@@ -76,6 +76,7 @@ fn served(
             latency_ms: 10,
             ttft_ms: None,
             session_id: None,
+            admin_mode: false,
         }),
     )
 }

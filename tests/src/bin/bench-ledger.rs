@@ -103,6 +103,7 @@ fn request(i: usize) -> Envelope {
             latency_ms: 5,
             ttft_ms: None,
             session_id: None,
+            admin_mode: false,
         }),
     )
 }

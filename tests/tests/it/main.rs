@@ -10,6 +10,7 @@ mod failures;
 mod gemini;
 mod keep_alive;
 mod nginx;
+mod nself_features;
 mod openai;
 mod process;
 mod process_support;
