@@ -169,6 +169,11 @@ pub struct ServeArgs {
     #[arg(long, env = "CLAW_ADMIN_PROMPT_FILE")]
     pub admin_prompt_file: Option<PathBuf>,
 
+    /// Most characters of a session's earlier messages sent with a request (the oldest are
+    /// left out first), so a long conversation never outgrows the model's context.
+    #[arg(long, env = "CLAW_SESSION_HISTORY_CHARS", default_value_t = 24_000)]
+    pub session_history_chars: usize,
+
     /// Request bodies larger than this get 413.
     #[arg(long, env = "CLAW_MAX_BODY_BYTES", default_value_t = 10_485_760)]
     pub max_body_bytes: usize,
@@ -216,6 +221,7 @@ impl ServeArgs {
             anthropic_model: self.anthropic_model,
             prices_file: self.prices_file,
             app_prompt_file: self.app_prompt_file,
+            session_history_chars: self.session_history_chars,
             admin_prompt_file: self.admin_prompt_file,
             max_body_bytes: self.max_body_bytes,
             connect_timeout_ms: self.connect_timeout_ms,

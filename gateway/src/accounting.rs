@@ -37,6 +37,8 @@ pub struct RequestRecord {
     pub started: Instant,
     /// Served in admin mode (`x-nself-admin`); marked in the ledger.
     pub admin_mode: bool,
+    /// The session the request belongs to (`x-nself-session-id`).
+    pub session_id: Option<String>,
     /// Fall-throughs so far, in order.
     pub fallbacks: Vec<Envelope>,
 }
@@ -97,7 +99,7 @@ impl RequestRecord {
             cost_usd: outcome.cost_usd,
             latency_ms,
             ttft_ms: outcome.ttft_ms,
-            session_id: None,
+            session_id: self.session_id.clone(),
             admin_mode: self.admin_mode,
         };
         let mut events = std::mem::take(&mut self.fallbacks);

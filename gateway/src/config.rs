@@ -94,6 +94,9 @@ pub struct Settings {
     /// Replaces the shipped nSelf expert prompt.
     pub app_prompt_file: Option<PathBuf>,
 
+    /// Most characters of a session's history sent with a request.
+    pub session_history_chars: usize,
+
     /// Replaces the shipped admin-mode prompt.
     pub admin_prompt_file: Option<PathBuf>,
 

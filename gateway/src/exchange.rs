@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::accounting::{settle_tokens, Outcome, RequestRecord};
 use crate::capacity::{Capacity, QueueRefusal, Slot};
 use crate::error::ApiError;
+use crate::nself::sessions::Turn;
 use crate::openai::encode::{self, ChunkBody, CompletionIds, TokenUsage};
 use crate::pricing::PriceTable;
 use crate::providers::{
@@ -278,6 +279,8 @@ pub struct ChatJob {
     pub messages: Vec<Message>,
     pub params: ChatParams,
     pub include_usage: bool,
+    /// The session turn to record once the answer is complete.
+    pub session: Option<Turn>,
 }
 
 /// A whole answer, ready to send.
@@ -419,6 +422,7 @@ impl ChatJob {
             plan,
             messages,
             params,
+            session,
             ..
         } = self;
         let (idle, started) = (deps.idle_timeout, record.started);
@@ -461,6 +465,10 @@ impl ChatJob {
             .commit(&deps.outbox, &outcome)
             .await
             .map_err(|_| ApiError::ledger_unavailable())?;
+        if let Some(turn) = session {
+            // Served and accounted either way; a failed append is logged by the store.
+            let _ = turn.record(&answer.text).await;
+        }
         let ids = completion_ids(&record.request_id, &won.attempt.model);
         let body = encode::completion(
             &ids,
@@ -487,6 +495,7 @@ impl ChatJob {
             messages,
             params,
             include_usage,
+            session,
         } = self;
         let (idle, started) = (deps.idle_timeout, record.started);
         let (messages_ref, params_ref) = (&messages, &params);
@@ -571,6 +580,10 @@ impl ChatJob {
         } else if !durable {
             let _ = frames.send(ApiError::ledger_unavailable().to_json()).await;
         } else if status == 200 {
+            // Before `[DONE]`: a client's next turn must find this one.
+            if let Some(turn) = session {
+                let _ = turn.record(&answer.text).await;
+            }
             let _ = frames.send("[DONE]".to_owned()).await;
         }
     }

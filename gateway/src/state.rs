@@ -71,6 +71,7 @@ impl AppState {
             stream,
             started,
             admin_mode: false,
+            session_id: None,
             fallbacks: Vec::new(),
         }
     }

@@ -10,6 +10,7 @@ pub mod key_changes;
 pub mod queries;
 pub mod runner;
 pub mod service;
+pub mod sessions;
 pub mod store;
 pub mod views;
 pub mod watch;

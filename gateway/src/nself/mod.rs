@@ -1,10 +1,11 @@
 //! The nSelf extensions a request switches on with headers: the nSelf expert system prompt
-//! (`x-nself-app: true`) and admin mode (`x-nself-admin: true`: an operator's prompt with the
-//! gateway's live state, for keys that allow it). What they add is put in front of the
-//! request's own messages, as system messages every provider understands.
+//! (`x-nself-app: true`), admin mode (`x-nself-admin: true`: an operator's prompt with the
+//! gateway's live state, for keys that allow it) and sessions ([`sessions`]). The prompts are
+//! put in front of the conversation, as system messages every provider understands.
 
 pub mod admin;
 pub mod prompts;
+pub mod sessions;
 
 use axum::http::HeaderMap;
 

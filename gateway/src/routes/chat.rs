@@ -19,6 +19,7 @@ use super::{body_or_error, with_served_by};
 use crate::auth::GatewayKey;
 use crate::error::ApiError;
 use crate::exchange::ChatJob;
+use crate::nself::sessions::{self, Session};
 use crate::nself::Features;
 use crate::openai::chat::ChatCompletionRequest;
 use crate::openai::parse_body;
@@ -69,8 +70,19 @@ pub async fn completions(
     let request: ChatCompletionRequest = parse_body(&body)?;
     let (messages, params) = request.validate()?;
     let features = Features::requested(&headers, key.record.admin_allowed)?;
+    let session_id = sessions::requested(&headers)?;
     let plan = state.router.chat_plan(&request.model)?;
     let stream = request.is_stream();
+    let (messages, session) = match session_id {
+        Some(id) => {
+            let budget = state.settings.session_history_chars;
+            let session =
+                Session::load(&state.store, id, &key.record.id, &messages, budget).await?;
+            let (messages, turn) = session.around(messages);
+            (messages, Some(turn))
+        }
+        None => (messages, None),
+    };
     let messages = features.apply(&state, messages).await;
     let mut record = state.request_record(
         &key.record.id,
@@ -81,6 +93,7 @@ pub async fn completions(
         started,
     );
     record.admin_mode = features.admin;
+    record.session_id = session_id.map(|id| id.to_string());
     let job = ChatJob {
         deps: state.exchange_deps(),
         record,
@@ -88,6 +101,7 @@ pub async fn completions(
         messages,
         params,
         include_usage: request.include_usage(),
+        session,
     };
     let gone = || ApiError::internal("the request's task ended without an answer");
     if stream {

@@ -16,3 +16,4 @@ mod process;
 mod process_support;
 mod queue;
 mod routing;
+mod sessions;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use claw_tests::fake_ollama::Behavior;
-use serde_json::Value;
+use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use crate::process_support::{chat_request, describe, free_port, GatewayProcess, Options};
@@ -782,6 +782,56 @@ async fn a_generated_internal_secret_is_private_and_found_by_the_cli() {
     gw.restart().await;
     assert_eq!(gw.admin_secret(), secret, "the secret changed on restart");
     gw.cli_ok(&["keys", "list"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_survives_a_gateway_restart() {
+    let mut gw = GatewayProcess::start().await;
+    let (_, secret) = gw.create_key("talker", 60).await;
+    let session = uuid::Uuid::now_v7().to_string();
+    let ask =
+        |text: &str| json!({"model": "auto", "messages": [{"role": "user", "content": text}]});
+    let send = |gw: &GatewayProcess, body: Value| {
+        gw.http
+            .post(format!("{}/v1/chat/completions", gw.url))
+            .bearer_auth(&secret)
+            .header("x-nself-session-id", &session)
+            .json(&body)
+            .send()
+    };
+    let first = send(&gw, ask("Remember: the code word is heron."))
+        .await
+        .expect("chat");
+    assert_eq!(first.status(), 200);
+
+    let status = gw.stop().await;
+    assert!(status.success(), "SIGTERM exit: {status}\n{}", gw.log());
+    gw.restart().await;
+
+    let second = send(&gw, ask("What is the code word?"))
+        .await
+        .expect("chat");
+    assert_eq!(second.status(), 200);
+    let last = gw
+        .ollama
+        .requests()
+        .last()
+        .cloned()
+        .expect("a chat reached Ollama");
+    let contents: Vec<&str> = last["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .filter_map(|m| m["content"].as_str())
+        .collect();
+    assert_eq!(
+        contents,
+        [
+            "Remember: the code word is heron.",
+            "Hello from the fake Ollama.",
+            "What is the code word?"
+        ]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
