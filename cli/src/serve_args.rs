@@ -169,6 +169,11 @@ pub struct ServeArgs {
     #[arg(long, env = "CLAW_ADMIN_PROMPT_FILE")]
     pub admin_prompt_file: Option<PathBuf>,
 
+    /// A directory of Markdown documents that replaces the shipped knowledge base
+    /// (`x-nself-knowledge: true`); indexed at start-up and again whenever a file changes.
+    #[arg(long, env = "CLAW_KNOWLEDGE_DIR")]
+    pub knowledge_dir: Option<PathBuf>,
+
     /// Most characters of a session's earlier messages sent with a request (the oldest are
     /// left out first), so a long conversation never outgrows the model's context.
     #[arg(long, env = "CLAW_SESSION_HISTORY_CHARS", default_value_t = 24_000)]
@@ -222,6 +227,7 @@ impl ServeArgs {
             prices_file: self.prices_file,
             app_prompt_file: self.app_prompt_file,
             session_history_chars: self.session_history_chars,
+            knowledge_dir: self.knowledge_dir,
             admin_prompt_file: self.admin_prompt_file,
             max_body_bytes: self.max_body_bytes,
             connect_timeout_ms: self.connect_timeout_ms,

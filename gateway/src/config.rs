@@ -97,6 +97,9 @@ pub struct Settings {
     /// Most characters of a session's history sent with a request.
     pub session_history_chars: usize,
 
+    /// Replaces the shipped knowledge base (watched for changes).
+    pub knowledge_dir: Option<PathBuf>,
+
     /// Replaces the shipped admin-mode prompt.
     pub admin_prompt_file: Option<PathBuf>,
 

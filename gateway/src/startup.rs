@@ -17,6 +17,7 @@ use crate::capacity::Capacity;
 use crate::config::Settings;
 use crate::keys::KeyCache;
 use crate::nself::admin::UsageCache;
+use crate::nself::knowledge::KnowledgeBase;
 use crate::nself::Prompts;
 use crate::pricing::{PriceError, PriceTable};
 use crate::providers::anthropic::Anthropic;
@@ -266,6 +267,14 @@ pub async fn open(settings: Settings) -> Result<Arc<AppState>, StartError> {
         settings.admin_prompt_file.as_deref(),
     )
     .map_err(StartError::Config)?;
+    let knowledge = Arc::new(match &settings.knowledge_dir {
+        Some(dir) => KnowledgeBase::from_dir(dir).map_err(StartError::Config)?,
+        None => KnowledgeBase::shipped().map_err(StartError::Config)?,
+    });
+    if let Some(dir) = &settings.knowledge_dir {
+        knowledge.watch(dir.clone());
+    }
+    tracing::info!(passages = knowledge.len(), "knowledge base indexed");
     router.refresh_models().await;
     router.follow_models();
     Ok(Arc::new(AppState {
@@ -285,6 +294,7 @@ pub async fn open(settings: Settings) -> Result<Arc<AppState>, StartError> {
         prices,
         prompts,
         admin_usage: UsageCache::default(),
+        knowledge,
         started_at: chrono::Utc::now().timestamp(),
     }))
 }

@@ -13,6 +13,7 @@ use crate::config::Settings;
 use crate::exchange::ExchangeDeps;
 use crate::keys::KeyCache;
 use crate::nself::admin::UsageCache;
+use crate::nself::knowledge::KnowledgeBase;
 use crate::nself::Prompts;
 use crate::pricing::PriceTable;
 use crate::router::Router;
@@ -47,6 +48,8 @@ pub struct AppState {
     pub prompts: Prompts,
     /// Today's usage as admin mode last read it.
     pub admin_usage: UsageCache,
+    /// The nSelf knowledge base.
+    pub knowledge: Arc<KnowledgeBase>,
     /// Unix seconds at start, shown as `created` of listed models.
     pub started_at: i64,
 }

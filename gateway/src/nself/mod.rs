@@ -1,11 +1,15 @@
 //! The nSelf extensions a request switches on with headers: the nSelf expert system prompt
 //! (`x-nself-app: true`), admin mode (`x-nself-admin: true`: an operator's prompt with the
-//! gateway's live state, for keys that allow it) and sessions ([`sessions`]). The prompts are
-//! put in front of the conversation, as system messages every provider understands.
+//! gateway's live state, for keys that allow it), sessions ([`sessions`]) and the knowledge
+//! base (`x-nself-knowledge: true`, [`knowledge`]). The prompts and passages are put in front
+//! of the conversation, as system messages every provider understands.
 
 pub mod admin;
+pub mod knowledge;
 pub mod prompts;
 pub mod sessions;
+
+use std::fmt::Write as _;
 
 use axum::http::HeaderMap;
 
@@ -21,6 +25,8 @@ pub struct Features {
     pub app: bool,
     /// `x-nself-admin: true` (only for keys with `admin_allowed`).
     pub admin: bool,
+    /// `x-nself-knowledge: true`.
+    pub knowledge: bool,
 }
 
 /// Whether a feature header is `true` (any case).
@@ -38,6 +44,7 @@ impl Features {
         let features = Self {
             app: switched_on(headers, "x-nself-app"),
             admin: switched_on(headers, "x-nself-admin"),
+            knowledge: switched_on(headers, "x-nself-knowledge"),
         };
         if features.admin && !admin_allowed {
             metrics::counter!("claw_requests_refused_total", "reason" => "permission_denied")
@@ -49,8 +56,8 @@ impl Features {
         Ok(features)
     }
 
-    /// `messages` with what the features add in front: the nSelf prompt, then the admin
-    /// prompt with the live state.
+    /// `messages` with what the features add in front: the nSelf prompt, the admin prompt
+    /// with the live state, then the knowledge passages that answer the last user message.
     pub async fn apply(&self, state: &AppState, messages: Vec<Message>) -> Vec<Message> {
         let mut added = Vec::new();
         if self.app {
@@ -64,12 +71,35 @@ impl Features {
                 live.render()
             )));
         }
+        if self.knowledge {
+            let question = messages
+                .iter()
+                .rev()
+                .find(|m| m.role == Role::User)
+                .map_or("", |m| m.content.as_str());
+            let found = state.knowledge.search(question, knowledge::PASSAGES);
+            if !found.is_empty() {
+                added.push(system(knowledge_message(&found)));
+            }
+        }
         if added.is_empty() {
             return messages;
         }
         added.extend(messages);
         added
     }
+}
+
+/// The system message that carries knowledge passages.
+fn knowledge_message(passages: &[knowledge::Passage]) -> String {
+    let mut text = String::from(
+        "Passages from the nSelf knowledge base, most relevant first. Rely on them where they \
+         answer the question, and name the passage you use.",
+    );
+    for p in passages {
+        let _ = write!(text, "\n\n### {}\n{}", p.title, p.text);
+    }
+    text
 }
 
 fn system(content: String) -> Message {

@@ -245,3 +245,79 @@ async fn admin_mode_is_for_admin_keys_shows_the_live_state_and_is_marked_in_the_
         ]
     );
 }
+
+#[tokio::test]
+async fn knowledge_passages_with_their_titles_reach_every_provider() {
+    let gw = TestGateway::start_with_tiers(Tiers::all(), &[]).await;
+    let (_, key) = gw.create_key("docs", 600, false).await;
+    let question = |model: &str| json!({"model": model, "messages": [{"role": "user", "content": "How do I revoke a key?"}]});
+    for (model, provider) in [
+        ("local", "ollama"),
+        ("gemini-1.5-flash", "gemini"),
+        ("gpt-4o", "openai"),
+        ("claude-3-5-sonnet", "anthropic"),
+    ] {
+        let response = send(
+            &gw,
+            &key,
+            &question(model),
+            &[("x-nself-knowledge", "true")],
+        )
+        .await;
+        assert_eq!(response.status(), 200, "{provider}");
+        let system = system_texts(provider, &last_request(&gw, provider)).join("\n");
+        assert!(
+            system.contains("### ɳClaw gateway keys › How do I revoke a key?")
+                && system.contains("nself claw api keys revoke <key id>"),
+            "{provider}: {system}"
+        );
+    }
+    // Without the header, no passages.
+    send(&gw, &key, &question("local"), &[]).await;
+    assert!(system_texts("ollama", &last_request(&gw, "ollama")).is_empty());
+}
+
+#[tokio::test]
+async fn a_knowledge_directory_is_indexed_again_when_it_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("pets.md"),
+        "# Pets\n## Feeding the cat\nThe cat eats salmon at noon.\n",
+    )
+    .unwrap();
+    let path = dir.path().display().to_string();
+    let gw = TestGateway::start_with(&["--knowledge-dir", &path]).await;
+    let (_, key) = gw.create_key("docs", 600, false).await;
+    let ask =
+        |text: &str| json!({"model": "auto", "messages": [{"role": "user", "content": text}]});
+    let knowledge = [("x-nself-knowledge", "true")];
+
+    send(&gw, &key, &ask("What does the cat eat?"), &knowledge).await;
+    let system = system_texts("ollama", &last_request(&gw, "ollama")).join("\n");
+    assert!(system.contains("### Pets › Feeding the cat"), "{system}");
+
+    std::fs::write(
+        dir.path().join("garden.md"),
+        "# Garden\n## Watering tomatoes\nWater the tomatoes every morning.\n",
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        send(
+            &gw,
+            &key,
+            &ask("When should I water the tomatoes?"),
+            &knowledge,
+        )
+        .await;
+        let system = system_texts("ollama", &last_request(&gw, "ollama")).join("\n");
+        if system.contains("### Garden › Watering tomatoes") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new document was not indexed: {system}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
