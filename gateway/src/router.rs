@@ -18,6 +18,7 @@ use serde::Serialize;
 use crate::capacity::{Capacity, Load, Slot};
 use crate::circuit::{Admission, Circuit};
 use crate::error::ApiError;
+use crate::nself::knowledge::Embedder;
 use crate::providers::ChatProvider;
 
 /// The model names every gateway accepts, whatever is configured.
@@ -277,6 +278,14 @@ impl Router {
         TierPlan {
             attempts,
             forced: false,
+        }
+    }
+
+    /// The local tier's embeddings model (the knowledge base ranks with it).
+    pub fn local_embedder(&self) -> Embedder {
+        Embedder {
+            backend: self.ollama.clone(),
+            model: self.models.ollama_embed.clone(),
         }
     }
 

@@ -274,6 +274,7 @@ pub async fn open(settings: Settings) -> Result<Arc<AppState>, StartError> {
     if let Some(dir) = &settings.knowledge_dir {
         knowledge.watch(dir.clone());
     }
+    knowledge.embed_with(router.local_embedder());
     tracing::info!(passages = knowledge.len(), "knowledge base indexed");
     router.refresh_models().await;
     router.follow_models();

@@ -77,7 +77,9 @@ impl Features {
                 .rev()
                 .find(|m| m.role == Role::User)
                 .map_or("", |m| m.content.as_str());
-            let found = state.knowledge.search(question, knowledge::PASSAGES);
+            let (found, ranking) = state.knowledge.find(question, knowledge::PASSAGES).await;
+            metrics::counter!("claw_knowledge_searches_total", "ranking" => ranking.as_str())
+                .increment(1);
             if !found.is_empty() {
                 added.push(system(knowledge_message(&found)));
             }

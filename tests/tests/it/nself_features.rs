@@ -47,9 +47,15 @@ fn system_texts(provider: &str, request: &Value) -> Vec<String> {
 /// What the last chat request to `provider` carried.
 fn last_request(gw: &TestGateway, provider: &str) -> Value {
     let last = |all: Vec<Value>| all.last().cloned().expect("a request reached the upstream");
+    // Chats only: the knowledge base also asks Ollama for embeddings.
+    let chats = |all: Vec<Value>| {
+        all.into_iter()
+            .filter(|r| r.get("messages").is_some())
+            .collect()
+    };
     match provider {
-        "ollama" => last(gw.ollama.requests()),
-        "openai" => last(gw.openai.as_ref().expect("openai").requests()),
+        "ollama" => last(chats(gw.ollama.requests())),
+        "openai" => last(chats(gw.openai.as_ref().expect("openai").requests())),
         "anthropic" => last(
             gw.anthropic
                 .as_ref()
@@ -248,7 +254,11 @@ async fn admin_mode_is_for_admin_keys_shows_the_live_state_and_is_marked_in_the_
 
 #[tokio::test]
 async fn knowledge_passages_with_their_titles_reach_every_provider() {
-    let gw = TestGateway::start_with_tiers(Tiers::all(), &[]).await;
+    // The fake Ollama's embeddings are hashes, not meanings: with an embeddings model it does
+    // not have, the knowledge base ranks with BM25.
+    let gw =
+        TestGateway::start_with_tiers(Tiers::all(), &["--ollama-embed-model", "absent-embedder"])
+            .await;
     let (_, key) = gw.create_key("docs", 600, false).await;
     let question = |model: &str| json!({"model": model, "messages": [{"role": "user", "content": "How do I revoke a key?"}]});
     for (model, provider) in [
@@ -320,4 +330,37 @@ async fn a_knowledge_directory_is_indexed_again_when_it_changes() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
+}
+
+#[tokio::test]
+async fn with_ollama_up_knowledge_is_ranked_by_its_embeddings() {
+    let gw = TestGateway::start().await;
+    let (_, key) = gw.create_key("docs", 600, false).await;
+    let question = "Which proxy settings keep streams flowing?";
+    let body = json!({"model": "auto", "messages": [{"role": "user", "content": question}]});
+    let embedded = |input: &Value| gw.ollama.requests().iter().any(|r| r["input"] == *input);
+    // The passages are embedded in the background, then each question is.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let response = send(&gw, &key, &body, &[("x-nself-knowledge", "true")]).await;
+        assert_eq!(response.status(), 200);
+        if embedded(&json!([question])) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the question was never embedded through Ollama"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let passages = gw
+        .ollama
+        .requests()
+        .into_iter()
+        .find(|r| r["input"].as_array().is_some_and(|a| a.len() > 3))
+        .expect("the passages were embedded in batches");
+    assert_eq!(passages["model"], "nomic-embed-text");
+    // The chat that followed carried three passages with their titles.
+    let system = system_texts("ollama", &last_request(&gw, "ollama")).join("\n");
+    assert_eq!(system.matches("\n### ").count(), 3, "{system}");
 }
