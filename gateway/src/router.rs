@@ -264,13 +264,16 @@ impl Router {
         }
     }
 
-    /// The plan for an embeddings request: an Ollama-listed model as asked, else Ollama's
-    /// embedding model, then OpenAI's.
+    /// The plan for an embeddings request: Ollama first, with the model asked for when Ollama
+    /// has it (else its embedding model), then OpenAI's embedding model when Ollama cannot
+    /// serve: `nomic-embed-text` still answers while Ollama is down and an OpenAI key is set.
     pub fn embed_plan(&self, model: &str) -> TierPlan {
-        if self.lists_locally(model) {
-            return self.only_local(model);
-        }
-        let mut attempts = vec![self.local(&self.models.ollama_embed)];
+        let local = if self.lists_locally(model) {
+            model
+        } else {
+            &self.models.ollama_embed
+        };
+        let mut attempts = vec![self.local(local)];
         attempts.extend(Self::remote(
             self.openai.as_ref(),
             &self.models.openai_embed,

@@ -507,6 +507,32 @@ async fn embeddings_fall_back_to_openai_and_are_charged() {
 }
 
 #[tokio::test]
+async fn an_ollama_embedding_model_falls_back_to_openai_when_ollama_fails() {
+    let (gw, key) = gateway().await;
+    set_ollama(&gw, State::Failing);
+    let response = gw
+        .http
+        .post(format!("{}/v1/embeddings", gw.url))
+        .bearer_auth(&key)
+        .json(&json!({"model": "nomic-embed-text", "input": "The quick brown fox"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-nself-provider"], "openai");
+    let body: Value = response.json().await.unwrap();
+    validate("CreateEmbeddingResponse", &body).unwrap();
+    let served = gw.wait_for_served(1).await;
+    assert_eq!(
+        (served[0].provider, served[0].model_served.as_str()),
+        (Provider::Openai, "text-embedding-3-small")
+    );
+    let fallbacks = gw.fallbacks().await;
+    assert_eq!(fallbacks.len(), 1);
+    assert_eq!(fallbacks[0].from_provider, Provider::Ollama);
+}
+
+#[tokio::test]
 async fn usage_shows_what_the_paid_tier_cost() {
     let (gw, key) = gateway().await;
     assert_eq!(send(&gw, &key, &ask_plain("auto", false)).await.0, 200);
