@@ -422,8 +422,18 @@ case "$cmd" in
     ;;
   clean-tests)
     # What earlier test runs left: their databases (claw_test_*) and topics (claw.test.*).
+    # A database an autovacuum worker is visiting cannot always be dropped at once: try again,
+    # and leave it for the next run rather than fail this one.
     for db in $(psql "$DATABASE_URL" -XtAc "SELECT datname FROM pg_database WHERE datname LIKE 'claw\_test\_%'"); do
-      psql "$DATABASE_URL" -XqAc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null
+      for attempt in 1 2 3; do
+        if psql "$DATABASE_URL" -XqAc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1; then
+          break
+        elif [ "$attempt" = 3 ]; then
+          log "could not drop $db (in use); leaving it for the next run"
+        else
+          sleep 1
+        fi
+      done
     done
     [ -f "$KAFKA_TOOLS_LOG4J" ] || kafka_write_config
     if java_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "$KAFKA_BROKERS" --list | grep -q '^claw\.test\.'; then
