@@ -311,48 +311,30 @@ impl Router {
     /// Each provider's state, for `nself claw api test --verbose`.
     pub fn tier_states(&self) -> Vec<TierState> {
         let load = self.local_capacity.load();
-        let reachable = read(&self.local_models).is_some();
-        let mut states = vec![TierState {
-            tier: Tier::Local,
-            provider: Provider::Ollama,
-            state: if reachable {
-                self.ollama.circuit.describe()
-            } else {
-                "unreachable"
-            },
-            available: false,
-            detail: format!(
-                "{}/{} in flight, {} queued, model {}",
-                load.in_flight, load.capacity, load.queued, self.models.ollama
-            ),
-            load: Some(load),
-        }];
+        let state = if read(&self.local_models).is_some() {
+            self.ollama.circuit.describe()
+        } else {
+            "unreachable"
+        };
+        let detail = format!(
+            "{}/{} in flight, {} queued, model {}",
+            load.in_flight, load.capacity, load.queued, self.models.ollama
+        );
+        let mut states = vec![TierState::new(Provider::Ollama, state, detail, Some(load))];
         for (backend, provider, variable) in [
             (&self.gemini, Provider::Gemini, "GEMINI_API_KEYS"),
             (&self.openai, Provider::Openai, "OPENAI_API_KEY"),
             (&self.anthropic, Provider::Anthropic, "ANTHROPIC_API_KEY"),
         ] {
             states.push(match backend {
-                Some(b) => TierState {
-                    tier: provider.tier(),
+                Some(b) => TierState::new(
                     provider,
-                    state: b.circuit.describe(),
-                    available: false,
-                    detail: b.provider.status_detail().unwrap_or_default(),
-                    load: None,
-                },
-                None => TierState {
-                    tier: provider.tier(),
-                    provider,
-                    state: "unconfigured",
-                    available: false,
-                    detail: format!("set {variable}"),
-                    load: None,
-                },
+                    b.circuit.describe(),
+                    b.provider.status_detail().unwrap_or_default(),
+                    None,
+                ),
+                None => TierState::new(provider, "unconfigured", format!("set {variable}"), None),
             });
-        }
-        for s in &mut states {
-            s.available = matches!(s.state, "up" | "probing");
         }
         states
     }
@@ -418,6 +400,20 @@ pub struct TierState {
     /// In flight, capacity and queue, for tiers with a capacity.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub load: Option<Load>,
+}
+
+impl TierState {
+    /// A provider's state; it is available when it is up, or due for its probe.
+    fn new(provider: Provider, state: &'static str, detail: String, load: Option<Load>) -> Self {
+        Self {
+            tier: provider.tier(),
+            provider,
+            state,
+            available: matches!(state, "up" | "probing"),
+            detail,
+            load,
+        }
+    }
 }
 
 #[cfg(test)]

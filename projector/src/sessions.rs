@@ -30,6 +30,12 @@ pub enum AppendError {
     Store(#[from] StoreError),
 }
 
+impl From<sqlx::Error> for AppendError {
+    fn from(err: sqlx::Error) -> Self {
+        Self::Store(err.into())
+    }
+}
+
 /// Concurrent appends to one session can pick the same next `seq`; the loser tries again.
 const APPEND_ATTEMPTS: usize = 5;
 
@@ -85,7 +91,7 @@ impl ReadModels {
         messages: &[SessionMessage],
     ) -> Result<(), AppendError> {
         let now = format_time(chrono::Utc::now());
-        let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
+        let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO sessions (id, key_id, created_at, updated_at) VALUES ($1, $2, $3, $3)
              ON CONFLICT (id) DO UPDATE SET updated_at = excluded.updated_at",
@@ -94,8 +100,7 @@ impl ReadModels {
         .bind(key_id)
         .bind(now.as_str())
         .execute(&mut *tx)
-        .await
-        .map_err(StoreError::from)?;
+        .await?;
         let (owner, next): (String, i64) = sqlx::query_as(
             "SELECT s.key_id, CAST(COALESCE(MAX(m.seq) + 1, 0) AS BIGINT)
              FROM sessions s LEFT JOIN session_messages m ON m.session_id = s.id
@@ -103,8 +108,7 @@ impl ReadModels {
         )
         .bind(id)
         .fetch_one(&mut *tx)
-        .await
-        .map_err(StoreError::from)?;
+        .await?;
         if owner != key_id {
             return Err(AppendError::NotOwner);
         }
@@ -119,10 +123,9 @@ impl ReadModels {
             .bind(m.content.as_str())
             .bind(now.as_str())
             .execute(&mut *tx)
-            .await
-            .map_err(StoreError::from)?;
+            .await?;
         }
-        tx.commit().await.map_err(StoreError::from)?;
+        tx.commit().await?;
         Ok(())
     }
 }

@@ -45,12 +45,13 @@ fn not_found(id: Uuid) -> ApiError {
     ApiError::not_found(format!("No session {id} for this key."))
 }
 
-/// A session's history, and what to append once the answer is complete.
+/// A session's history, as loaded for one request.
 pub struct Session {
-    pub id: Uuid,
+    store: ReadModels,
+    id: Uuid,
+    key_id: String,
     /// The earlier messages that fit the budget, oldest first.
-    pub history: Vec<Message>,
-    turn: Turn,
+    history: Vec<Message>,
 }
 
 /// What a completed answer appends to its session.
@@ -63,12 +64,11 @@ pub struct Turn {
 
 impl Session {
     /// Loads session `id` for `key_id` (a new id starts an empty session), keeping the most
-    /// recent messages within `budget_chars`; `asked` are the request's own messages.
+    /// recent messages within `budget_chars`.
     pub async fn load(
         store: &ReadModels,
         id: Uuid,
         key_id: &str,
-        asked: &[Message],
         budget_chars: usize,
     ) -> Result<Self, ApiError> {
         let stored = store.session(&id.to_string()).await.map_err(unavailable)?;
@@ -78,28 +78,31 @@ impl Session {
             None => Vec::new(),
         };
         Ok(Self {
+            store: store.clone(),
             id,
+            key_id: key_id.to_owned(),
             history: within_budget(messages, budget_chars),
-            turn: Turn {
-                store: store.clone(),
-                id,
-                key_id: key_id.to_owned(),
-                asked: asked
-                    .iter()
-                    .map(|m| SessionMessage {
-                        role: m.role.as_str().to_owned(),
-                        content: m.content.clone(),
-                    })
-                    .collect(),
-            },
         })
     }
 
-    /// The history followed by the request's messages, and the turn to record.
+    /// The history followed by the request's messages `asked`, and the turn that records
+    /// them with the answer.
     pub fn around(self, asked: Vec<Message>) -> (Vec<Message>, Turn) {
+        let turn = Turn {
+            store: self.store,
+            id: self.id,
+            key_id: self.key_id,
+            asked: asked
+                .iter()
+                .map(|m| SessionMessage {
+                    role: m.role.as_str().to_owned(),
+                    content: m.content.clone(),
+                })
+                .collect(),
+        };
         let mut messages = self.history;
         messages.extend(asked);
-        (messages, self.turn)
+        (messages, turn)
     }
 }
 

@@ -76,8 +76,7 @@ pub async fn completions(
     let (messages, session) = match session_id {
         Some(id) => {
             let budget = state.settings.session_history_chars;
-            let session =
-                Session::load(&state.store, id, &key.record.id, &messages, budget).await?;
+            let session = Session::load(&state.store, id, &key.record.id, budget).await?;
             let (messages, turn) = session.around(messages);
             (messages, Some(turn))
         }

@@ -79,7 +79,8 @@ fn last_request(gw: &TestGateway, provider: &str) -> Value {
     }
 }
 
-async fn send(
+/// POSTs a chat completion with `key` and extra request headers.
+pub async fn send(
     gw: &TestGateway,
     key: &str,
     body: &Value,

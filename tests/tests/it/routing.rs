@@ -480,18 +480,26 @@ async fn local_capacity_spills_auto_to_the_free_tier() {
     );
 }
 
+async fn embed(gw: &TestGateway, key: &str, body: &Value) -> reqwest::Response {
+    gw.http
+        .post(format!("{}/v1/embeddings", gw.url))
+        .bearer_auth(key)
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn embeddings_fall_back_to_openai_and_are_charged() {
     let (gw, key) = gateway().await;
     set_ollama(&gw, State::Failing);
-    let response = gw
-        .http
-        .post(format!("{}/v1/embeddings", gw.url))
-        .bearer_auth(&key)
-        .json(&json!({"model": "text-embedding-3-small", "input": ["one", "two"]}))
-        .send()
-        .await
-        .unwrap();
+    let response = embed(
+        &gw,
+        &key,
+        &json!({"model": "text-embedding-3-small", "input": ["one", "two"]}),
+    )
+    .await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["x-nself-provider"], "openai");
     let body: Value = response.json().await.unwrap();
@@ -510,14 +518,12 @@ async fn embeddings_fall_back_to_openai_and_are_charged() {
 async fn an_ollama_embedding_model_falls_back_to_openai_when_ollama_fails() {
     let (gw, key) = gateway().await;
     set_ollama(&gw, State::Failing);
-    let response = gw
-        .http
-        .post(format!("{}/v1/embeddings", gw.url))
-        .bearer_auth(&key)
-        .json(&json!({"model": "nomic-embed-text", "input": "The quick brown fox"}))
-        .send()
-        .await
-        .unwrap();
+    let response = embed(
+        &gw,
+        &key,
+        &json!({"model": "nomic-embed-text", "input": "The quick brown fox"}),
+    )
+    .await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["x-nself-provider"], "openai");
     let body: Value = response.json().await.unwrap();

@@ -5,27 +5,12 @@ use claw_tests::gateway::TestGateway;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
+use crate::nself_features::send;
+
 const REPLY: &str = "Hello from the fake Ollama.";
 
 fn ask(text: &str, stream: bool) -> Value {
     json!({"model": "auto", "stream": stream, "messages": [{"role": "user", "content": text}]})
-}
-
-async fn send(
-    gw: &TestGateway,
-    key: &str,
-    body: &Value,
-    headers: &[(&str, String)],
-) -> reqwest::Response {
-    let mut request = gw
-        .http
-        .post(format!("{}/v1/chat/completions", gw.url))
-        .bearer_auth(key)
-        .json(body);
-    for (name, value) in headers {
-        request = request.header(*name, value);
-    }
-    request.send().await.expect("chat request")
 }
 
 /// The (role, content) pairs of the last chat the fake Ollama received.
@@ -62,7 +47,7 @@ async fn a_session_carries_the_conversation_for_its_key_only() {
     let (_, key) = gw.create_key("owner", 600, false).await;
     let (_, other) = gw.create_key("stranger", 600, false).await;
     let session = Uuid::now_v7().to_string();
-    let header = [("x-nself-session-id", session.clone())];
+    let header = [("x-nself-session-id", session.as_str())];
 
     let first = send(&gw, &key, &ask("My name is Ada.", false), &header).await;
     assert_eq!(first.status(), 200);
@@ -93,7 +78,7 @@ async fn a_session_carries_the_conversation_for_its_key_only() {
         &gw,
         &key,
         &ask("x", false),
-        &[("x-nself-session-id", "not-a-uuid".to_owned())],
+        &[("x-nself-session-id", "not-a-uuid")],
     )
     .await;
     assert_eq!(malformed.status(), 400);
@@ -105,7 +90,7 @@ async fn a_session_carries_the_conversation_for_its_key_only() {
         &gw,
         &key,
         &ask("Thanks!", false),
-        &[header[0].clone(), ("x-nself-app", "true".to_owned())],
+        &[header[0], ("x-nself-app", "true")],
     )
     .await;
     assert_eq!(third.status(), 200);
@@ -140,7 +125,8 @@ async fn a_long_session_is_trimmed_to_the_budget_oldest_first() {
     // The fake's answer is 27 characters: the budget holds one question and its answer.
     let gw = TestGateway::start_with(&["--session-history-chars", "40"]).await;
     let (_, key) = gw.create_key("talker", 600, false).await;
-    let header = [("x-nself-session-id", Uuid::now_v7().to_string())];
+    let session = Uuid::now_v7().to_string();
+    let header = [("x-nself-session-id", session.as_str())];
     for question in ["one?", "two?", "three?"] {
         assert_eq!(
             send(&gw, &key, &ask(question, false), &header)
