@@ -183,6 +183,22 @@ pub struct ServeArgs {
     #[arg(long, env = "CLAW_MAX_BODY_BYTES", default_value_t = 10_485_760)]
     pub max_body_bytes: usize,
 
+    /// Largest remote image (`image_url` with an http(s) URL) the gateway fetches for a
+    /// provider that cannot fetch it itself; larger ones get 400.
+    #[arg(long, env = "CLAW_IMAGE_MAX_BYTES", default_value_t = 20 * 1024 * 1024)]
+    pub image_max_bytes: usize,
+
+    /// Let the gateway fetch images from private, loopback and link-local addresses. Off by
+    /// default, so that no client can make the gateway reach inside your network.
+    #[arg(
+        long,
+        env = "CLAW_IMAGE_FETCH_ALLOW_PRIVATE",
+        default_value_t = false,
+        action = clap::ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new(),
+    )]
+    pub image_fetch_allow_private: bool,
+
     /// Upstream connect timeout, in milliseconds.
     #[arg(long, env = "CLAW_CONNECT_TIMEOUT_MS", default_value_t = 2_000)]
     pub connect_timeout_ms: u64,
@@ -230,6 +246,8 @@ impl ServeArgs {
             knowledge_dir: self.knowledge_dir,
             admin_prompt_file: self.admin_prompt_file,
             max_body_bytes: self.max_body_bytes,
+            image_max_bytes: self.image_max_bytes,
+            image_fetch_allow_private: self.image_fetch_allow_private,
             connect_timeout_ms: self.connect_timeout_ms,
             first_byte_timeout_ms: self.first_byte_timeout_ms,
             total_timeout_ms: self.total_timeout_ms,

@@ -105,6 +105,12 @@ pub struct Settings {
 
     pub max_body_bytes: usize,
 
+    /// Largest remote image the gateway fetches for a chat request.
+    pub image_max_bytes: usize,
+
+    /// Let the gateway fetch images from private, loopback and link-local addresses.
+    pub image_fetch_allow_private: bool,
+
     /// Upstream connect timeout, in milliseconds.
     pub connect_timeout_ms: u64,
 
@@ -180,6 +186,15 @@ impl Settings {
             partitions: self.kafka_partitions,
             replication: 1,
             producer: producer.to_owned(),
+        }
+    }
+
+    /// How remote images are fetched.
+    pub fn image_limits(&self) -> crate::images::FetchLimits {
+        crate::images::FetchLimits {
+            max_bytes: self.image_max_bytes,
+            allow_private: self.image_fetch_allow_private,
+            ..crate::images::FetchLimits::default()
         }
     }
 

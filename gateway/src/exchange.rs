@@ -20,7 +20,7 @@ use crate::openai::encode::{self, ChunkBody, CompletionIds, TokenUsage};
 use crate::pricing::PriceTable;
 use crate::providers::{
     ChatEvent, ChatParams, ChatRequest, ChatStream, Embeddings, FinishReason, Message,
-    ProviderError, Usage,
+    ProviderError, ToolCall, Usage,
 };
 use crate::router::{Attempt, Skip, TierPlan};
 
@@ -299,20 +299,43 @@ pub struct StreamReply {
 #[derive(Default)]
 struct Answer {
     text: String,
+    /// Function calls, by their stream index.
+    tool_calls: Vec<ToolCall>,
     finish: Option<FinishReason>,
     usage: Usage,
     ttft_ms: Option<u64>,
 }
 
 impl Answer {
+    fn first_token(&mut self, started: Instant) {
+        if self.ttft_ms.is_none() {
+            self.ttft_ms = Some(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
+        }
+    }
+
     fn absorb(&mut self, event: &ChatEvent, started: Instant) {
         match event {
             ChatEvent::Delta(text) => {
-                if self.ttft_ms.is_none() {
-                    self.ttft_ms =
-                        Some(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
-                }
+                self.first_token(started);
                 self.text.push_str(text);
+            }
+            ChatEvent::ToolCall(delta) => {
+                self.first_token(started);
+                if self.tool_calls.len() <= delta.index {
+                    self.tool_calls.resize_with(delta.index + 1, || ToolCall {
+                        id: String::new(),
+                        name: String::new(),
+                        arguments: String::new(),
+                    });
+                }
+                let call = &mut self.tool_calls[delta.index];
+                if let Some(id) = &delta.id {
+                    call.id.clone_from(id);
+                }
+                if let Some(name) = &delta.name {
+                    call.name.clone_from(name);
+                }
+                call.arguments.push_str(&delta.arguments);
             }
             ChatEvent::Finish(reason) => self.finish = Some(*reason),
             ChatEvent::Usage(u) => {
@@ -320,6 +343,26 @@ impl Answer {
                 self.usage.completion_tokens = u.completion_tokens.or(self.usage.completion_tokens);
             }
         }
+    }
+
+    /// Why the answer ended: an answer with function calls that ended normally ended for
+    /// them, whatever the provider called it (Gemini and Ollama say "stop").
+    fn finish_reason(&self) -> FinishReason {
+        match self.finish.unwrap_or(FinishReason::Stop) {
+            FinishReason::Stop if !self.tool_calls.is_empty() => FinishReason::ToolCalls,
+            reason => reason,
+        }
+    }
+
+    /// Characters the model produced, for token estimates: text, and each call's name and
+    /// arguments.
+    fn completion_chars(&self) -> usize {
+        let calls: usize = self
+            .tool_calls
+            .iter()
+            .map(|c| c.name.chars().count() + c.arguments.chars().count())
+            .sum();
+        self.text.chars().count() + calls
     }
 }
 
@@ -337,12 +380,26 @@ async fn next_event(
         })
 }
 
-fn chat_request(attempt: &Attempt, messages: &[Message], params: &ChatParams) -> ChatRequest {
-    ChatRequest {
+/// Starts `attempt`'s chat. With `parallel_tool_calls: false`, calls after the first are
+/// dropped here for the providers that cannot be told (Gemini, Ollama).
+async fn open_chat(
+    attempt: &Attempt,
+    messages: &[Message],
+    params: &ChatParams,
+) -> Result<ChatStream, ProviderError> {
+    let request = ChatRequest {
         model: attempt.model.clone(),
         messages: messages.to_vec(),
         params: params.clone(),
+    };
+    let stream = attempt.backend.provider.chat(&request).await?;
+    if params.parallel_tool_calls != Some(false) {
+        return Ok(stream);
     }
+    Ok(Box::pin(stream.filter(|event| {
+        let later_call = matches!(event, Ok(ChatEvent::ToolCall(d)) if d.index > 0);
+        futures::future::ready(!later_call)
+    })))
 }
 
 /// Runs `work` in its own task, so a client that hangs up cannot cancel its accounting, and
@@ -429,11 +486,7 @@ impl ChatJob {
         let (messages, params) = (&messages, &params);
         // Nothing reaches the client before the answer is complete, so any failure falls through.
         let won = run_plan(&plan, &mut record, client.closed(), |attempt| async move {
-            let mut stream = attempt
-                .backend
-                .provider
-                .chat(&chat_request(&attempt, messages, params))
-                .await?;
+            let mut stream = open_chat(&attempt, messages, params).await?;
             let mut answer = Answer::default();
             while let Some(event) = next_event(&mut stream, idle).await {
                 answer.absorb(&event?, started);
@@ -451,7 +504,7 @@ impl ChatJob {
         let (tokens, tokens_estimated) = settle_tokens(
             answer.usage,
             crate::accounting::prompt_chars(messages),
-            answer.text.chars().count(),
+            answer.completion_chars(),
         );
         let provider = won.attempt.provider();
         let outcome = deps.outcome(
@@ -473,7 +526,8 @@ impl ChatJob {
         let body = encode::completion(
             &ids,
             &answer.text,
-            answer.finish.unwrap_or(FinishReason::Stop),
+            &answer.tool_calls,
+            answer.finish_reason(),
             tokens,
         );
         Ok(WholeReply { provider, body })
@@ -502,11 +556,7 @@ impl ChatJob {
         // The attempt succeeds once the upstream produced its first event: until then nothing
         // has reached the client and the next tier may still take over.
         let won = run_plan(&plan, &mut record, start.closed(), |attempt| async move {
-            let mut stream = attempt
-                .backend
-                .provider
-                .chat(&chat_request(&attempt, messages_ref, params_ref))
-                .await?;
+            let mut stream = open_chat(&attempt, messages_ref, params_ref).await?;
             match next_event(&mut stream, idle).await {
                 Some(Ok(first)) => Ok((first, stream)),
                 Some(Err(err)) => Err(err),
@@ -548,7 +598,7 @@ impl ChatJob {
         let (tokens, tokens_estimated) = settle_tokens(
             answer.usage,
             crate::accounting::prompt_chars(&messages),
-            answer.text.chars().count(),
+            answer.completion_chars(),
         );
         let status = match (&failure, client_open) {
             (_, false) => CLIENT_CLOSED,
@@ -557,9 +607,7 @@ impl ChatJob {
         };
         if status == 200 {
             let _ = frames
-                .send(send(ChunkBody::Finish(
-                    answer.finish.unwrap_or(FinishReason::Stop),
-                )))
+                .send(send(ChunkBody::Finish(answer.finish_reason())))
                 .await;
             if include_usage {
                 let _ = frames.send(send(ChunkBody::Usage(tokens))).await;
@@ -617,10 +665,13 @@ async fn relay(
             }
         };
         answer.absorb(&event, started);
-        if let ChatEvent::Delta(text) = &event {
-            if frames.send(chunk(ChunkBody::Text(text))).await.is_err() {
-                return (answer, None);
-            }
+        let frame = match &event {
+            ChatEvent::Delta(text) => chunk(ChunkBody::Text(text)),
+            ChatEvent::ToolCall(delta) => chunk(ChunkBody::ToolCall(delta)),
+            ChatEvent::Finish(_) | ChatEvent::Usage(_) => continue,
+        };
+        if frames.send(frame).await.is_err() {
+            return (answer, None);
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod exchange;
+pub mod images;
 pub mod keys;
 pub mod nself;
 pub mod openai;

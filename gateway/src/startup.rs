@@ -276,6 +276,8 @@ pub async fn open(settings: Settings) -> Result<Arc<AppState>, StartError> {
     }
     knowledge.embed_with(router.local_embedder());
     tracing::info!(passages = knowledge.len(), "knowledge base indexed");
+    let images = crate::images::ImageFetcher::new(settings.image_limits())
+        .map_err(|e| StartError::Config(format!("cannot build the image fetcher: {e}")))?;
     router.refresh_models().await;
     router.follow_models();
     Ok(Arc::new(AppState {
@@ -296,6 +298,7 @@ pub async fn open(settings: Settings) -> Result<Arc<AppState>, StartError> {
         prompts,
         admin_usage: UsageCache::default(),
         knowledge,
+        images,
         started_at: chrono::Utc::now().timestamp(),
     }))
 }

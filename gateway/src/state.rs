@@ -50,6 +50,8 @@ pub struct AppState {
     pub admin_usage: UsageCache,
     /// The nSelf knowledge base.
     pub knowledge: Arc<KnowledgeBase>,
+    /// Fetches remote images for providers that cannot.
+    pub images: crate::images::ImageFetcher,
     /// Unix seconds at start, shown as `created` of listed models.
     pub started_at: i64,
 }

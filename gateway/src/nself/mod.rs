@@ -105,9 +105,5 @@ fn knowledge_message(passages: &[knowledge::Passage]) -> String {
 }
 
 fn system(content: String) -> Message {
-    Message {
-        role: Role::System,
-        content,
-        images: Vec::new(),
-    }
+    Message::text(Role::System, content)
 }

@@ -86,7 +86,9 @@ impl Session {
     }
 
     /// The history followed by the request's messages `asked`, and the turn that records
-    /// them with the answer.
+    /// them with the answer. Sessions keep text turns: tool calls and their results stay in
+    /// the requests that carry them, so a stored history never holds a call without its
+    /// result.
     pub fn around(self, asked: Vec<Message>) -> (Vec<Message>, Turn) {
         let turn = Turn {
             store: self.store,
@@ -94,6 +96,7 @@ impl Session {
             key_id: self.key_id,
             asked: asked
                 .iter()
+                .filter(|m| m.role != Role::Tool && m.tool_calls.is_empty())
                 .map(|m| SessionMessage {
                     role: m.role.as_str().to_owned(),
                     content: m.content.clone(),
@@ -107,13 +110,16 @@ impl Session {
 }
 
 impl Turn {
-    /// Appends the request's messages and `answer` to the session.
+    /// Appends the request's messages and `answer` (unless it has no text: an answer that
+    /// only calls tools) to the session.
     pub async fn record(self, answer: &str) -> Result<(), ApiError> {
         let mut messages = self.asked;
-        messages.push(SessionMessage {
-            role: Role::Assistant.as_str().to_owned(),
-            content: answer.to_owned(),
-        });
+        if !answer.is_empty() {
+            messages.push(SessionMessage {
+                role: Role::Assistant.as_str().to_owned(),
+                content: answer.to_owned(),
+            });
+        }
         self.store
             .append_to_session(&self.id.to_string(), &self.key_id, &messages)
             .await
@@ -144,11 +150,7 @@ fn within_budget(stored: Vec<SessionMessage>, budget_chars: usize) -> Vec<Messag
             used += m.content.chars().count();
             used <= budget_chars
         })
-        .map(|m| Message {
-            role: role(&m.role),
-            content: m.content,
-            images: Vec::new(),
-        })
+        .map(|m| Message::text(role(&m.role), m.content))
         .collect();
     kept.reverse();
     let orphans = kept

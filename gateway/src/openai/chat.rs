@@ -2,14 +2,18 @@
 //! translation into the provider-neutral [`ChatRequest`] parts.
 
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use super::check_range;
 use crate::error::ApiError;
-use crate::providers::{ChatParams, Image, Message, OutputFormat, Role};
+use crate::providers::{
+    ChatParams, Image, JsonSchema, Message, OutputFormat, Role, Tool, ToolCall, ToolChoice,
+};
 
-/// A chat completion request as OpenAI defines it (the fields this gateway acts on; others are
-/// accepted and ignored, as OpenAI's own compatible servers do).
+/// A chat completion request as OpenAI defines it. Fields the gateway cannot honour on every
+/// tier are either mapped per provider, passed only to OpenAI (see [`OPENAI_ONLY`]), or
+/// refused with a 400 naming them; unknown fields are ignored, as OpenAI's own compatible
+/// servers do.
 #[derive(Debug, Deserialize)]
 pub struct ChatCompletionRequest {
     pub model: String,
@@ -39,10 +43,42 @@ pub struct ChatCompletionRequest {
     #[serde(default)]
     pub response_format: Option<ResponseFormat>,
     #[serde(default)]
-    pub tools: Option<Vec<Value>>,
+    pub tools: Option<Vec<WireTool>>,
+    #[serde(default)]
+    pub tool_choice: Option<WireToolChoice>,
+    #[serde(default)]
+    pub parallel_tool_calls: Option<bool>,
     #[serde(default)]
     pub user: Option<String>,
+    #[serde(default)]
+    pub top_logprobs: Option<u8>,
+    /// Refused: the deprecated predecessors of `tools` and `tool_choice`, and audio output.
+    #[serde(default)]
+    pub functions: Option<Value>,
+    #[serde(default)]
+    pub function_call: Option<Value>,
+    #[serde(default)]
+    pub audio: Option<Value>,
+    #[serde(default)]
+    pub modalities: Option<Vec<String>>,
+    /// Everything else, for the fields in [`OPENAI_ONLY`].
+    #[serde(flatten)]
+    pub other: Map<String, Value>,
 }
+
+/// Fields passed to OpenAI untouched and dropped on the other tiers (which have no
+/// equivalent): log probabilities, token biases, reasoning effort, and OpenAI's own storage
+/// and service settings.
+pub const OPENAI_ONLY: [&str; 8] = [
+    "logprobs",
+    "top_logprobs",
+    "logit_bias",
+    "reasoning_effort",
+    "metadata",
+    "store",
+    "service_tier",
+    "verbosity",
+];
 
 #[derive(Debug, Deserialize, Default, Clone, Copy)]
 pub struct StreamOptions {
@@ -67,11 +103,54 @@ pub enum ResponseFormat {
 
 #[derive(Debug, Deserialize)]
 pub struct JsonSchemaFormat {
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
     #[serde(default)]
     pub schema: Option<Value>,
+    #[serde(default)]
+    pub strict: Option<bool>,
+}
+
+/// An entry of `tools`: only functions exist.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum WireTool {
+    Function { function: FunctionDefinition },
 }
 
 #[derive(Debug, Deserialize)]
+pub struct FunctionDefinition {
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub parameters: Option<Value>,
+    #[serde(default)]
+    pub strict: Option<bool>,
+}
+
+/// `tool_choice`: a mode, or one named function.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum WireToolChoice {
+    Mode(String),
+    Named(NamedToolChoice),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct NamedToolChoice {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: NamedFunction,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct NamedFunction {
+    pub name: String,
+}
+
+#[derive(Debug, Deserialize, PartialEq, Eq, Clone, Copy)]
 #[serde(rename_all = "lowercase")]
 pub enum WireRole {
     System,
@@ -87,6 +166,25 @@ pub struct WireMessage {
     pub role: WireRole,
     #[serde(default)]
     pub content: Option<Content>,
+    #[serde(default)]
+    pub tool_calls: Option<Vec<WireToolCall>>,
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
+}
+
+/// A call in an assistant message's `tool_calls`.
+#[derive(Debug, Deserialize)]
+pub struct WireToolCall {
+    pub id: String,
+    #[serde(rename = "type", default)]
+    pub kind: Option<String>,
+    pub function: WireFunctionCall,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WireFunctionCall {
+    pub name: String,
+    pub arguments: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -111,6 +209,10 @@ pub struct ImageUrl {
     pub url: String,
 }
 
+fn invalid(message: impl Into<String>, param: impl Into<String>) -> ApiError {
+    ApiError::invalid_request(message, Some(param.into()))
+}
+
 impl ChatCompletionRequest {
     /// Whether the client asked for a stream.
     pub fn is_stream(&self) -> bool {
@@ -127,79 +229,63 @@ impl ChatCompletionRequest {
     /// Checks what OpenAI checks and converts to provider-neutral messages and settings.
     pub fn validate(&self) -> Result<(Vec<Message>, ChatParams), ApiError> {
         if self.model.trim().is_empty() {
-            return Err(ApiError::invalid_request(
-                "you must provide a model parameter",
-                Some("model".into()),
-            ));
+            return Err(invalid("you must provide a model parameter", "model"));
         }
         if self.messages.is_empty() {
-            return Err(ApiError::invalid_request(
+            return Err(invalid(
                 "Invalid 'messages': empty array. Expected an array with minimum length 1, but got an empty array instead.",
-                Some("messages".into()),
+                "messages",
             ));
         }
         check_range("temperature", self.temperature, 0.0, 2.0)?;
         check_range("top_p", self.top_p, 0.0, 1.0)?;
         check_range("presence_penalty", self.presence_penalty, -2.0, 2.0)?;
         check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)?;
-        if let Some(n) = self.n {
-            if n != 1 {
-                return Err(ApiError::invalid_request(
-                    format!("Invalid 'n': {n}. This gateway returns exactly one choice; use n=1."),
-                    Some("n".into()),
-                ));
-            }
+        check_range("top_logprobs", self.top_logprobs.map(f64::from), 0.0, 20.0)?;
+        if let Some(n) = self.n.filter(|n| *n != 1) {
+            return Err(invalid(
+                format!("Invalid 'n': {n}. This gateway returns exactly one choice; use n=1."),
+                "n",
+            ));
         }
         for (param, value) in [
             ("max_tokens", self.max_tokens),
             ("max_completion_tokens", self.max_completion_tokens),
         ] {
             if value == Some(0) {
-                return Err(ApiError::invalid_request(
+                return Err(invalid(
                     format!("Invalid '{param}': integer below minimum value. Expected a value >= 1, but got 0 instead."),
-                    Some(param.into()),
+                    param,
                 ));
             }
         }
         if self.stream_options.is_some() && !self.is_stream() {
-            return Err(ApiError::invalid_request(
+            return Err(invalid(
                 "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
-                Some("stream_options".into()),
+                "stream_options",
             ));
         }
-        if self.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-            return Err(ApiError::invalid_request(
-                "Tool calling is not supported by this gateway yet; send the request without 'tools'.",
-                Some("tools".into()),
-            ));
-        }
+        self.refuse_unsupported()?;
         let stop = match &self.stop {
             None => Vec::new(),
             Some(Stop::One(s)) => vec![s.clone()],
             Some(Stop::Many(v)) if v.len() > 4 => {
-                return Err(ApiError::invalid_request(
+                return Err(invalid(
                     format!("Invalid 'stop': array too long. Expected an array with maximum length 4, but got an array with length {} instead.", v.len()),
-                    Some("stop".into()),
+                    "stop",
                 ));
             }
             Some(Stop::Many(v)) => v.clone(),
         };
+        let tools = self.tools()?;
+        let tool_choice = self.tool_choice(&tools)?;
         let messages = self
             .messages
             .iter()
             .enumerate()
             .map(|(i, m)| convert_message(i, m))
             .collect::<Result<Vec<_>, _>>()?;
-        let format = match &self.response_format {
-            None | Some(ResponseFormat::Text) => None,
-            Some(ResponseFormat::JsonObject) => Some(OutputFormat::Json),
-            Some(ResponseFormat::JsonSchema { json_schema }) => Some(
-                json_schema
-                    .schema
-                    .clone()
-                    .map_or(OutputFormat::Json, OutputFormat::JsonSchema),
-            ),
-        };
+        check_tool_turns(&messages)?;
         let params = ChatParams {
             temperature: self.temperature,
             top_p: self.top_p,
@@ -208,10 +294,198 @@ impl ChatCompletionRequest {
             seed: self.seed,
             presence_penalty: self.presence_penalty,
             frequency_penalty: self.frequency_penalty,
-            format,
+            format: self.output_format()?,
+            tools,
+            tool_choice,
+            parallel_tool_calls: self.parallel_tool_calls,
+            user: self.user.clone(),
+            openai_only: self.openai_only(),
         };
         Ok((messages, params))
     }
+
+    /// Refuses what no tier can answer: several choices are refused above; audio output and
+    /// the deprecated `functions` API here.
+    fn refuse_unsupported(&self) -> Result<(), ApiError> {
+        if self.functions.is_some() || self.function_call.is_some() {
+            let param = if self.functions.is_some() {
+                "functions"
+            } else {
+                "function_call"
+            };
+            return Err(invalid(
+                format!("'{param}' is deprecated and not supported by this gateway; use 'tools' and 'tool_choice'."),
+                param,
+            ));
+        }
+        let audio_out = self.modalities.iter().flatten().any(|m| m != "text");
+        if audio_out || self.audio.is_some() {
+            let param = if self.audio.is_some() {
+                "audio"
+            } else {
+                "modalities"
+            };
+            return Err(invalid(
+                "This gateway answers with text only; audio output is not supported.",
+                param,
+            ));
+        }
+        Ok(())
+    }
+
+    fn tools(&self) -> Result<Vec<Tool>, ApiError> {
+        let mut tools = Vec::new();
+        for (i, WireTool::Function { function }) in self.tools.iter().flatten().enumerate() {
+            if !valid_function_name(&function.name) {
+                return Err(invalid(
+                    format!("Invalid 'tools[{i}].function.name': string does not match pattern. Expected a string that matches the pattern '^[a-zA-Z0-9_-]{{1,64}}$'."),
+                    format!("tools[{i}].function.name"),
+                ));
+            }
+            if let Some(params) = function.parameters.as_ref().filter(|p| !p.is_object()) {
+                return Err(invalid(
+                    format!("Invalid 'tools[{i}].function.parameters': expected an object (a JSON Schema), but got {params}."),
+                    format!("tools[{i}].function.parameters"),
+                ));
+            }
+            tools.push(Tool {
+                name: function.name.clone(),
+                description: function.description.clone(),
+                parameters: function.parameters.clone(),
+                strict: function.strict,
+            });
+        }
+        Ok(tools)
+    }
+
+    fn tool_choice(&self, tools: &[Tool]) -> Result<Option<ToolChoice>, ApiError> {
+        let Some(choice) = &self.tool_choice else {
+            return Ok(None);
+        };
+        let choice = match choice {
+            WireToolChoice::Mode(mode) => match mode.as_str() {
+                "none" => ToolChoice::None,
+                "auto" => ToolChoice::Auto,
+                "required" => ToolChoice::Required,
+                other => {
+                    return Err(invalid(
+                        format!("Invalid value: '{other}'. Supported values are: 'none', 'auto', and 'required'."),
+                        "tool_choice",
+                    ))
+                }
+            },
+            WireToolChoice::Named(named) if named.kind == "function" => {
+                if !tools.iter().any(|t| t.name == named.function.name) {
+                    return Err(invalid(
+                        format!("Invalid value for 'tool_choice': function '{}' is not among the request's 'tools'.", named.function.name),
+                        "tool_choice",
+                    ));
+                }
+                ToolChoice::Function(named.function.name.clone())
+            }
+            WireToolChoice::Named(named) => {
+                return Err(invalid(
+                    format!("Invalid value: '{}'. Supported values are: 'function'.", named.kind),
+                    "tool_choice.type",
+                ))
+            }
+        };
+        if tools.is_empty() && choice != ToolChoice::None {
+            return Err(invalid(
+                "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are specified.",
+                "tool_choice",
+            ));
+        }
+        Ok(Some(choice))
+    }
+
+    fn output_format(&self) -> Result<Option<OutputFormat>, ApiError> {
+        Ok(match &self.response_format {
+            None | Some(ResponseFormat::Text) => None,
+            Some(ResponseFormat::JsonObject) => Some(OutputFormat::Json),
+            Some(ResponseFormat::JsonSchema { json_schema }) => {
+                if !valid_function_name(&json_schema.name) {
+                    return Err(invalid(
+                        "Invalid 'response_format.json_schema.name': string does not match pattern. Expected a string that matches the pattern '^[a-zA-Z0-9_-]{1,64}$'.",
+                        "response_format.json_schema.name",
+                    ));
+                }
+                let schema = match &json_schema.schema {
+                    None => serde_json::json!({"type": "object"}),
+                    Some(schema) if schema.is_object() => schema.clone(),
+                    Some(_) => {
+                        return Err(invalid(
+                            "Invalid 'response_format.json_schema.schema': expected an object.",
+                            "response_format.json_schema.schema",
+                        ))
+                    }
+                };
+                Some(OutputFormat::JsonSchema(JsonSchema {
+                    name: json_schema.name.clone(),
+                    description: json_schema.description.clone(),
+                    schema,
+                    strict: json_schema.strict,
+                }))
+            }
+        })
+    }
+
+    fn openai_only(&self) -> Map<String, Value> {
+        let mut extras: Map<String, Value> = self
+            .other
+            .iter()
+            .filter(|(k, v)| OPENAI_ONLY.contains(&k.as_str()) && !v.is_null())
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if let Some(n) = self.top_logprobs {
+            extras.insert("top_logprobs".into(), n.into());
+        }
+        extras
+    }
+}
+
+/// OpenAI's pattern for function and schema names: `^[a-zA-Z0-9_-]{1,64}$`.
+fn valid_function_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// OpenAI's rules for tool turns: each `tool` message answers a call of the assistant turn
+/// before it (tool messages in between), and every call is answered before the conversation
+/// goes on.
+fn check_tool_turns(messages: &[Message]) -> Result<(), ApiError> {
+    let mut open: Vec<&str> = Vec::new();
+    let mut caller: Option<usize> = None;
+    for (i, m) in messages.iter().enumerate() {
+        if m.role == Role::Tool {
+            let id = m.tool_call_id.as_deref().unwrap_or_default();
+            let Some(at) = open.iter().position(|o| *o == id) else {
+                return Err(invalid(
+                    "Invalid parameter: messages with role 'tool' must be a response to a preceeding message with 'tool_calls'.",
+                    format!("messages.[{i}].role"),
+                ));
+            };
+            open.remove(at);
+            continue;
+        }
+        if let (Some(at), false) = (caller, open.is_empty()) {
+            return Err(invalid(
+                format!("An assistant message with 'tool_calls' must be followed by tool messages responding to each 'tool_call_id'. The following tool_call_ids did not have response messages: {}", open.join(", ")),
+                format!("messages.[{at}].role"),
+            ));
+        }
+        open = m.tool_calls.iter().map(|c| c.id.as_str()).collect();
+        caller = (!open.is_empty()).then_some(i);
+    }
+    if let (Some(at), false) = (caller, open.is_empty()) {
+        return Err(invalid(
+            format!("An assistant message with 'tool_calls' must be followed by tool messages responding to each 'tool_call_id'. The following tool_call_ids did not have response messages: {}", open.join(", ")),
+            format!("messages.[{at}].role"),
+        ));
+    }
+    Ok(())
 }
 
 fn convert_message(index: usize, m: &WireMessage) -> Result<Message, ApiError> {
@@ -219,34 +493,64 @@ fn convert_message(index: usize, m: &WireMessage) -> Result<Message, ApiError> {
         WireRole::System | WireRole::Developer => Role::System,
         WireRole::User => Role::User,
         WireRole::Assistant => Role::Assistant,
-        WireRole::Tool | WireRole::Function => Role::Tool,
+        WireRole::Tool => Role::Tool,
+        WireRole::Function => {
+            return Err(invalid(
+                format!("messages[{index}]: the deprecated 'function' role is not supported; answer tool calls with 'tool' messages that carry 'tool_call_id'."),
+                format!("messages.[{index}].role"),
+            ))
+        }
     };
-    let param = |suffix: &str| Some(format!("messages.[{index}].{suffix}"));
-    let mut content = String::new();
-    let mut images = Vec::new();
+    let param = |suffix: &str| format!("messages.[{index}].{suffix}");
+    let mut message = Message::text(role, "");
+    let tool_calls = m.tool_calls.iter().flatten();
+    message.tool_calls = tool_calls
+        .map(|call| ToolCall {
+            id: call.id.clone(),
+            name: call.function.name.clone(),
+            arguments: call.function.arguments.clone(),
+        })
+        .collect();
+    if role != Role::Assistant && !message.tool_calls.is_empty() {
+        return Err(invalid(
+            format!("Invalid parameter: only assistant messages can have 'tool_calls' (messages[{index}] is not)."),
+            param("tool_calls"),
+        ));
+    }
+    if role == Role::Tool {
+        match m.tool_call_id.as_deref() {
+            Some(id) if !id.is_empty() => message.tool_call_id = Some(id.to_owned()),
+            _ => {
+                return Err(invalid(
+                    format!("Missing required parameter: 'messages[{index}].tool_call_id'."),
+                    param("tool_call_id"),
+                ))
+            }
+        }
+    }
     match &m.content {
         None if role == Role::Assistant => {}
         None => {
-            return Err(ApiError::invalid_request(
+            return Err(invalid(
                 format!("Invalid value for 'messages[{index}].content': expected a string or an array of content parts, got null."),
                 param("content"),
             ));
         }
-        Some(Content::Text(text)) => content.clone_from(text),
+        Some(Content::Text(text)) => message.content.clone_from(text),
         Some(Content::Parts(parts)) => {
             for part in parts {
                 match part {
                     Part::Text { text } | Part::Refusal { refusal: text } => {
-                        if !content.is_empty() {
-                            content.push('\n');
+                        if !message.content.is_empty() {
+                            message.content.push('\n');
                         }
-                        content.push_str(text);
+                        message.content.push_str(text);
                     }
                     Part::ImageUrl { image_url } => {
-                        images.push(data_url_image(index, &image_url.url)?);
+                        message.images.push(image(index, &image_url.url)?);
                     }
                     Part::InputAudio {} | Part::File {} => {
-                        return Err(ApiError::invalid_request(
+                        return Err(invalid(
                             format!("messages[{index}]: audio and file content parts are not supported by this gateway."),
                             param("content"),
                         ));
@@ -255,28 +559,33 @@ fn convert_message(index: usize, m: &WireMessage) -> Result<Message, ApiError> {
             }
         }
     }
-    Ok(Message {
-        role,
-        content,
-        images,
-    })
+    Ok(message)
 }
 
-/// The image in a `data:image/…;base64,…` URL; remote image URLs are refused because the
-/// local tier cannot fetch them.
-fn data_url_image(index: usize, url: &str) -> Result<Image, ApiError> {
-    url.strip_prefix("data:")
-        .and_then(|rest| rest.split_once(";base64,"))
-        .map(|(media_type, data)| Image {
-            media_type: if media_type.is_empty() { "image/png".to_owned() } else { media_type.to_owned() },
-            data: data.to_owned(),
-        })
-        .ok_or_else(|| {
-            ApiError::invalid_request(
-                format!("messages[{index}]: image_url must be a base64 data: URL (remote image URLs are not fetched by this gateway)."),
-                Some(format!("messages.[{index}].content")),
-            )
-        })
+/// The image a content part names: a `data:image/…;base64,…` URL, or a remote `http(s)` URL
+/// (passed on to providers that take URLs, fetched by the gateway for the others).
+fn image(index: usize, url: &str) -> Result<Image, ApiError> {
+    if let Some(rest) = url.strip_prefix("data:") {
+        return rest
+            .split_once(";base64,")
+            .map(|(media_type, data)| {
+                let media_type = if media_type.is_empty() { "image/png" } else { media_type };
+                Image::base64(media_type, data)
+            })
+            .ok_or_else(|| {
+                invalid(
+                    format!("messages[{index}]: a data: image URL must be base64 (data:image/png;base64,…)."),
+                    format!("messages.[{index}].content"),
+                )
+            });
+    }
+    match reqwest::Url::parse(url) {
+        Ok(parsed) if matches!(parsed.scheme(), "http" | "https") => Ok(Image::Url(url.to_owned())),
+        _ => Err(invalid(
+            format!("messages[{index}]: image_url must be an http(s) URL or a base64 data: URL."),
+            format!("messages.[{index}].content"),
+        )),
+    }
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@ use base64::Engine;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::providers::FinishReason;
+use crate::providers::{FinishReason, ToolCall, ToolCallDelta};
 
 /// Token counts as OpenAI reports them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -26,13 +26,26 @@ pub struct CompletionIds {
     pub model: String,
 }
 
-/// `chat.completion`: the whole answer.
+/// `chat.completion`: the whole answer. With tool calls and no text, `content` is null, as
+/// OpenAI sends it.
 pub fn completion(
     ids: &CompletionIds,
     content: &str,
+    tool_calls: &[ToolCall],
     finish: FinishReason,
     usage: TokenUsage,
 ) -> Value {
+    let mut message = json!({"role": "assistant", "content": content, "refusal": null});
+    if !tool_calls.is_empty() {
+        if content.is_empty() {
+            message["content"] = Value::Null;
+        }
+        let calls: Vec<Value> = tool_calls
+            .iter()
+            .map(|c| json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
+            .collect();
+        message["tool_calls"] = json!(calls);
+    }
     json!({
         "id": ids.id,
         "object": "chat.completion",
@@ -40,12 +53,28 @@ pub fn completion(
         "model": ids.model,
         "choices": [{
             "index": 0,
-            "message": {"role": "assistant", "content": content, "refusal": null},
+            "message": message,
             "logprobs": null,
             "finish_reason": finish.as_str(),
         }],
         "usage": usage,
     })
+}
+
+/// A streamed tool call's delta: the call's first carries its id, type and name (and empty
+/// arguments when none came with them), the rest only argument fragments.
+fn tool_call_delta(delta: &ToolCallDelta) -> Value {
+    let mut function = json!({"arguments": delta.arguments});
+    let mut call = json!({"index": delta.index});
+    if let Some(id) = &delta.id {
+        call["id"] = json!(id);
+        call["type"] = json!("function");
+    }
+    if let Some(name) = &delta.name {
+        function["name"] = json!(name);
+    }
+    call["function"] = function;
+    json!({"tool_calls": [call]})
 }
 
 /// What a stream chunk carries.
@@ -54,6 +83,8 @@ pub enum ChunkBody<'a> {
     Role,
     /// Answer text.
     Text(&'a str),
+    /// Part of a function call.
+    ToolCall(&'a ToolCallDelta),
     /// The end of the choice.
     Finish(FinishReason),
     /// The final usage chunk (empty `choices`).
@@ -70,6 +101,7 @@ pub fn chunk(ids: &CompletionIds, body: &ChunkBody<'_>, include_usage: bool) -> 
             Value::Null,
         ),
         ChunkBody::Text(text) => (choice(json!({"content": text}), None), Value::Null),
+        ChunkBody::ToolCall(delta) => (choice(tool_call_delta(delta), None), Value::Null),
         ChunkBody::Finish(reason) => (choice(json!({}), Some(reason.as_str())), Value::Null),
         ChunkBody::Usage(usage) => (json!([]), json!(usage)),
     };

@@ -18,20 +18,32 @@
 //! - **Sampling.** See [`chat_body`]: `temperature` is clamped to Anthropic's 0–1, `top_p` is
 //!   sent only without `temperature`, whitespace-only stop sequences are dropped, and `seed`,
 //!   `presence_penalty` and `frequency_penalty` have no equivalent and are dropped.
-//! - **JSON mode.** There is no `response_format`: the system prompt gains an instruction to
-//!   answer with JSON only (and the schema, when there is one).
+//! - **Tools.** `tools` get `input_schema`, `tool_choice` maps to `auto`/`any`/`tool`/`none`
+//!   with `disable_parallel_tool_use`; an assistant turn's calls become `tool_use` blocks
+//!   (arguments as an object) and tool results `tool_result` blocks at the head of the user
+//!   turn. Ids from other providers are rewritten to Anthropic's pattern ([`tool_id`]). In the
+//!   stream, each `tool_use` block is one call: its start carries the id and name, its
+//!   `input_json_delta`s the arguments.
+//! - **JSON mode.** There is no `response_format`: a tool whose input schema is the wanted
+//!   schema is forced, and its input is relayed as the answer's text. When the client has
+//!   tools of its own, the system prompt asks for JSON instead.
 //! - **Embeddings.** Anthropic has none; see [`NO_EMBEDDINGS`].
+
+use std::collections::HashMap;
 
 use async_trait::async_trait;
 use claw_ledger::Provider;
 use futures::{Stream, StreamExt};
 use reqwest::header::HeaderValue;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
 
 use super::http::{listed, Upstream};
+use super::tools::arguments_object;
+use super::turns::{alternating, system_text, Side};
 use super::{
-    ChatEvent, ChatProvider, ChatRequest, ChatStream, Embeddings, FinishReason, Message,
-    OutputFormat, ProviderError, Role, Usage,
+    ChatEvent, ChatProvider, ChatRequest, ChatStream, Embeddings, FinishReason, Image, Message,
+    OutputFormat, ProviderError, ToolCallDelta, ToolChoice, Usage,
 };
 use crate::config::Timeouts;
 
@@ -123,104 +135,222 @@ impl Anthropic {
     }
 }
 
-/// Which side of the conversation a turn is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Speaker {
-    User,
-    Assistant,
+/// The `/v1/messages` body (see the module notes and [`chat_body`]).
+#[derive(Debug, Serialize)]
+pub struct ChatBody<'a> {
+    model: &'a str,
+    max_tokens: u32,
+    messages: Vec<WireTurn>,
+    stream: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    system: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<f64>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    stop_sequences: Vec<&'a str>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tools: Vec<WireTool<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_choice: Option<WireToolChoice<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metadata: Option<Metadata<'a>>,
 }
 
-impl Speaker {
-    fn of(role: Role) -> Option<Self> {
-        match role {
-            Role::System => None,
-            Role::User | Role::Tool => Some(Speaker::User),
-            Role::Assistant => Some(Speaker::Assistant),
-        }
+/// One entry of `messages`: text alone as a string, anything else as blocks.
+#[derive(Debug, Serialize)]
+struct WireTurn {
+    role: &'static str,
+    content: WireContent,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+enum WireContent {
+    Text(String),
+    Blocks(Vec<Block>),
+}
+
+/// A content block.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Block {
+    Text {
+        text: String,
+    },
+    Image {
+        source: ImageSource,
+    },
+    ToolUse {
+        id: String,
+        name: String,
+        input: Map<String, Value>,
+    },
+    ToolResult {
+        tool_use_id: String,
+        #[serde(skip_serializing_if = "String::is_empty")]
+        content: String,
+    },
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum ImageSource {
+    Base64 { media_type: String, data: String },
+    Url { url: String },
+}
+
+#[derive(Debug, Serialize)]
+struct WireTool<'a> {
+    name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    description: Option<&'a str>,
+    input_schema: Value,
+}
+
+#[derive(Debug, Serialize)]
+struct WireToolChoice<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    disable_parallel_tool_use: Option<bool>,
+}
+
+#[derive(Debug, Serialize)]
+struct Metadata<'a> {
+    user_id: &'a str,
+}
+
+/// A tool id as Anthropic accepts it (`^[a-zA-Z0-9_-]+$`). Ids from other providers may
+/// hold other characters: those become `_`, and a hash of the original keeps two rewritten
+/// ids apart. The rewrite depends only on the id, so a call and its result always agree.
+pub fn tool_id(id: &str) -> String {
+    let valid = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+    if !id.is_empty() && id.chars().all(valid) {
+        return id.to_owned();
     }
-
-    fn as_str(self) -> &'static str {
-        match self {
-            Speaker::User => "user",
-            Speaker::Assistant => "assistant",
-        }
+    let cleaned: String = id.chars().map(|c| if valid(c) { c } else { '_' }).collect();
+    let mut hash = 0xcbf2_9ce4_8422_2325_u64;
+    for byte in id.bytes() {
+        hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
     }
+    format!("{cleaned}_{hash:016x}")
 }
 
-/// One entry of Anthropic's `messages`: a speaker and its content blocks.
-struct Turn {
-    speaker: Speaker,
-    blocks: Vec<Value>,
-}
-
-impl Turn {
-    /// The wire form: content as a plain string when it is one text block.
-    fn to_json(&self) -> Value {
-        let content = match self.blocks.as_slice() {
-            [only] if only["type"] == "text" => only["text"].clone(),
-            blocks => json!(blocks),
-        };
-        json!({"role": self.speaker.as_str(), "content": content})
+/// A message's content blocks: a tool result; or images, then text unless it is blank, then
+/// tool calls.
+fn blocks(message: &Message) -> Vec<Block> {
+    if let Some(id) = &message.tool_call_id {
+        return vec![Block::ToolResult {
+            tool_use_id: tool_id(id),
+            content: message.content.clone(),
+        }];
     }
-}
-
-/// A message's content blocks: its images, then its text unless that is blank.
-fn content_blocks(message: &Message) -> Vec<Value> {
-    let mut blocks: Vec<Value> = message
+    let mut blocks: Vec<Block> = message
         .images
         .iter()
-        .map(|image| {
-            json!({"type": "image", "source": {"type": "base64",
-                "media_type": image.media_type, "data": image.data}})
+        .map(|image| Block::Image {
+            source: match image {
+                Image::Base64 { media_type, data } => ImageSource::Base64 {
+                    media_type: media_type.clone(),
+                    data: data.clone(),
+                },
+                Image::Url(url) => ImageSource::Url { url: url.clone() },
+            },
         })
         .collect();
     if !message.content.trim().is_empty() {
-        blocks.push(json!({"type": "text", "text": message.content}));
+        blocks.push(Block::Text {
+            text: message.content.clone(),
+        });
     }
+    blocks.extend(message.tool_calls.iter().map(|call| Block::ToolUse {
+        id: tool_id(&call.id),
+        name: call.name.clone(),
+        input: arguments_object(&call.arguments),
+    }));
     blocks
 }
 
-/// The non-system messages as alternating turns (see the module notes).
-fn turns(messages: &[Message]) -> Vec<Turn> {
-    let mut turns: Vec<Turn> = Vec::new();
-    for message in messages {
-        let Some(speaker) = Speaker::of(message.role) else {
-            continue;
-        };
-        let blocks = content_blocks(message);
-        if blocks.is_empty() {
-            continue;
-        }
-        match turns.last_mut() {
-            Some(last) if last.speaker == speaker => last.blocks.extend(blocks),
-            _ => turns.push(Turn { speaker, blocks }),
+/// The non-system messages as alternating turns (see the module notes): tool results lead
+/// their user turn, as Anthropic requires, and a final assistant text is trimmed at the end.
+fn turns(messages: &[Message]) -> Vec<WireTurn> {
+    let mut turns = alternating(messages, blocks);
+    for turn in &mut turns {
+        if turn.side == Side::User {
+            // A stable sort: results first, in order, then the rest in order.
+            turn.blocks
+                .sort_by_key(|b| !matches!(b, Block::ToolResult { .. }));
         }
     }
-    if let Some(last) = turns.last_mut() {
-        if last.speaker == Speaker::Assistant {
-            if let Some(Value::String(text)) =
-                last.blocks.last_mut().and_then(|b| b.get_mut("text"))
-            {
-                text.truncate(text.trim_end().len());
-            }
+    if let Some(last) = turns.last_mut().filter(|t| t.side == Side::Model) {
+        if let Some(Block::Text { text }) = last.blocks.last_mut() {
+            text.truncate(text.trim_end().len());
         }
     }
     turns
+        .into_iter()
+        .map(|turn| {
+            let role = match turn.side {
+                Side::User => "user",
+                Side::Model => "assistant",
+            };
+            let content = match turn.blocks.as_slice() {
+                [Block::Text { text }] => WireContent::Text(text.clone()),
+                _ => WireContent::Blocks(turn.blocks),
+            };
+            WireTurn { role, content }
+        })
+        .collect()
 }
 
-/// The system prompt: every system message, then the JSON-mode instruction if any.
-fn system_prompt(request: &ChatRequest) -> Option<String> {
-    let mut parts: Vec<String> = request
-        .messages
-        .iter()
-        .filter(|m| m.role == Role::System && !m.content.is_empty())
-        .map(|m| m.content.clone())
-        .collect();
+/// The tool through which a structured answer is asked for, when one is (see
+/// [`answer_tool`]).
+struct AnswerTool<'a> {
+    name: &'a str,
+    description: Option<&'a str>,
+    schema: Value,
+}
+
+/// Anthropic has no response format. Without client tools, a JSON answer is asked for by
+/// forcing a tool whose input schema is the wanted schema (any object for `json_object`):
+/// the tool's input is the answer, and the stream reader turns it back into text. With
+/// client tools, forcing one would forbid theirs, so the system prompt asks instead.
+fn answer_tool(request: &ChatRequest) -> Option<AnswerTool<'_>> {
+    if !request.params.tools.is_empty() {
+        return None;
+    }
+    match request.params.format.as_ref()? {
+        OutputFormat::Json => Some(AnswerTool {
+            name: JSON_TOOL,
+            description: None,
+            schema: json!({"type": "object"}),
+        }),
+        OutputFormat::JsonSchema(s) => Some(AnswerTool {
+            name: &s.name,
+            description: s.description.as_deref(),
+            schema: s.schema.clone(),
+        }),
+    }
+}
+
+/// The forced tool's name for `json_object`.
+const JSON_TOOL: &str = "json_answer";
+
+/// The system prompt: every system message, then, when JSON is asked for alongside client
+/// tools, the instruction that stands in for OpenAI's JSON mode.
+fn system_prompt(request: &ChatRequest, forced: bool) -> Option<String> {
+    let mut parts: Vec<String> = system_text(&request.messages).into_iter().collect();
     match &request.params.format {
+        Some(_) if forced => {}
         Some(OutputFormat::Json) => parts.push(JSON_ONLY.to_owned()),
-        Some(OutputFormat::JsonSchema(schema)) => {
+        Some(OutputFormat::JsonSchema(s)) => {
             parts.push(format!(
-                "{JSON_ONLY} The JSON must conform to this JSON Schema:\n{schema}"
+                "{JSON_ONLY} The JSON must conform to this JSON Schema:\n{}",
+                s.schema
             ));
         }
         None => {}
@@ -228,9 +358,37 @@ fn system_prompt(request: &ChatRequest) -> Option<String> {
     (!parts.is_empty()).then(|| parts.join("\n\n"))
 }
 
-/// The instruction that stands in for OpenAI's JSON mode.
+/// The instruction that stands in for OpenAI's JSON mode when a tool cannot be forced.
 const JSON_ONLY: &str = "Respond with a single valid JSON value and nothing else: no text \
     before or after it and no Markdown code fences.";
+
+/// Anthropic's `tool_choice` for the request's.
+fn tool_choice<'a>(
+    request: &'a ChatRequest,
+    forced: Option<&AnswerTool<'a>>,
+) -> Option<WireToolChoice<'a>> {
+    let p = &request.params;
+    let disable_parallel = (p.parallel_tool_calls == Some(false)).then_some(true);
+    let (kind, name) = match (forced, &p.tool_choice) {
+        (Some(tool), _) => ("tool", Some(tool.name)),
+        (None, _) if p.tools.is_empty() => return None,
+        (None, Some(ToolChoice::None)) => ("none", None),
+        (None, Some(ToolChoice::Required)) => ("any", None),
+        (None, Some(ToolChoice::Function(name))) => ("tool", Some(name.as_str())),
+        (None, Some(ToolChoice::Auto)) => ("auto", None),
+        (None, None) if disable_parallel.is_some() => ("auto", None),
+        (None, None) => return None,
+    };
+    Some(WireToolChoice {
+        kind,
+        name,
+        disable_parallel_tool_use: if kind == "none" {
+            None
+        } else {
+            disable_parallel
+        },
+    })
+}
 
 /// The `/v1/messages` body for `request`.
 ///
@@ -240,28 +398,52 @@ const JSON_ONLY: &str = "Respond with a single valid JSON value and nothing else
 /// - `top_p` is sent only when `temperature` is not: Anthropic advises altering one of them,
 ///   and its newer models refuse a request that sets both.
 /// - `stop` becomes `stop_sequences`, without whitespace-only entries (Anthropic refuses them).
-pub fn chat_body(request: &ChatRequest) -> Value {
+/// - tools get `input_schema` (an empty object schema when the client gave none);
+///   `tool_choice` `auto`/`required`/named/`none` become `auto`/`any`/`tool`/`none`, and
+///   `parallel_tool_calls: false` becomes `disable_parallel_tool_use`.
+/// - `user` becomes `metadata.user_id`.
+pub fn chat_body(request: &ChatRequest) -> ChatBody<'_> {
     let p = &request.params;
-    let messages: Vec<Value> = turns(&request.messages).iter().map(Turn::to_json).collect();
-    let mut body = json!({
-        "model": request.model,
-        "max_tokens": p.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
-        "messages": messages,
-        "stream": true,
-    });
-    if let Some(system) = system_prompt(request) {
-        body["system"] = json!(system);
+    let forced = answer_tool(request);
+    let mut tools: Vec<WireTool<'_>> = p
+        .tools
+        .iter()
+        .map(|t| WireTool {
+            name: &t.name,
+            description: t.description.as_deref(),
+            input_schema: t
+                .parameters
+                .clone()
+                .unwrap_or_else(|| json!({"type": "object", "properties": {}})),
+        })
+        .collect();
+    let choice = tool_choice(request, forced.as_ref());
+    let system = system_prompt(request, forced.is_some());
+    if let Some(tool) = forced {
+        tools.push(WireTool {
+            name: tool.name,
+            description: tool.description,
+            input_schema: tool.schema,
+        });
     }
-    if let Some(t) = p.temperature {
-        body["temperature"] = json!(t.clamp(0.0, MAX_TEMPERATURE));
-    } else if let Some(top_p) = p.top_p {
-        body["top_p"] = json!(top_p);
+    ChatBody {
+        model: &request.model,
+        max_tokens: p.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
+        messages: turns(&request.messages),
+        stream: true,
+        system,
+        temperature: p.temperature.map(|t| t.clamp(0.0, MAX_TEMPERATURE)),
+        top_p: p.top_p.filter(|_| p.temperature.is_none()),
+        stop_sequences: p
+            .stop
+            .iter()
+            .filter(|s| !s.trim().is_empty())
+            .map(String::as_str)
+            .collect(),
+        tools,
+        tool_choice: choice,
+        metadata: p.user.as_deref().map(|user_id| Metadata { user_id }),
     }
-    let stops: Vec<&String> = p.stop.iter().filter(|s| !s.trim().is_empty()).collect();
-    if !stops.is_empty() {
-        body["stop_sequences"] = json!(stops);
-    }
-    body
 }
 
 /// The finish reason for Anthropic's `stop_reason`.
@@ -269,25 +451,126 @@ pub fn finish_reason(stop_reason: &str) -> FinishReason {
     match stop_reason {
         "max_tokens" | "model_context_window_exceeded" => FinishReason::Length,
         "refusal" => FinishReason::ContentFilter,
-        // end_turn, stop_sequence, tool_use, pause_turn, and anything newer.
+        "tool_use" => FinishReason::ToolCalls,
+        // end_turn, stop_sequence, pause_turn, and anything newer.
         _ => FinishReason::Stop,
     }
 }
 
-/// All input tokens in a `usage` object: Anthropic counts cache writes and reads apart from
-/// `input_tokens`, and the three together are what the prompt cost.
-fn prompt_tokens(usage: &Value) -> Option<u64> {
-    let input = usage.get("input_tokens")?.as_u64()?;
-    let cached = ["cache_creation_input_tokens", "cache_read_input_tokens"]
-        .iter()
-        .filter_map(|k| usage.get(*k).and_then(Value::as_u64))
-        .sum::<u64>();
-    Some(input + cached)
+/// A Messages stream event, the parts the gateway reads.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum StreamEvent {
+    MessageStart {
+        message: StartMessage,
+    },
+    ContentBlockStart {
+        index: usize,
+        content_block: StartBlock,
+    },
+    ContentBlockDelta {
+        index: usize,
+        delta: BlockDelta,
+    },
+    MessageDelta {
+        delta: MessageDeltaBody,
+        #[serde(default)]
+        usage: Option<WireUsage>,
+    },
+    MessageStop,
+    Error {
+        error: WireError,
+    },
+    /// ping, content_block_stop, and event types Anthropic may add later.
+    #[serde(other)]
+    Other,
+}
+
+#[derive(Debug, Deserialize)]
+struct StartMessage {
+    #[serde(default)]
+    usage: Option<WireUsage>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum StartBlock {
+    ToolUse {
+        id: String,
+        name: String,
+    },
+    #[serde(other)]
+    Other,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum BlockDelta {
+    TextDelta {
+        text: String,
+    },
+    InputJsonDelta {
+        partial_json: String,
+    },
+    /// Thinking, signatures, citations.
+    #[serde(other)]
+    Other,
+}
+
+#[derive(Debug, Deserialize)]
+struct MessageDeltaBody {
+    #[serde(default)]
+    stop_reason: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct WireError {
+    #[serde(rename = "type", default)]
+    kind: Option<String>,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct WireUsage {
+    #[serde(default)]
+    input_tokens: Option<u64>,
+    #[serde(default)]
+    cache_creation_input_tokens: Option<u64>,
+    #[serde(default)]
+    cache_read_input_tokens: Option<u64>,
+    #[serde(default)]
+    output_tokens: Option<u64>,
+}
+
+impl WireUsage {
+    /// All input tokens: Anthropic counts cache writes and reads apart from `input_tokens`,
+    /// and the three together are what the prompt cost.
+    fn prompt_tokens(&self) -> Option<u64> {
+        let cached = self.cache_creation_input_tokens.unwrap_or(0)
+            + self.cache_read_input_tokens.unwrap_or(0);
+        self.input_tokens.map(|input| input + cached)
+    }
+}
+
+/// What a content block of the answer is.
+#[derive(Debug, Clone, Copy)]
+enum BlockRole {
+    /// A function call, at this index among the answer's calls.
+    Call(usize),
+    /// The forced tool's input: the structured answer itself.
+    Answer,
 }
 
 /// Turns the Messages event stream into [`ChatEvent`]s, one event at a time.
 struct EventReader {
     http: Upstream,
+    /// The forced tool whose input is the answer (structured output), if any.
+    answer_tool: Option<String>,
+    /// The answer's tool-use blocks, by block index.
+    blocks: HashMap<usize, BlockRole>,
+    /// Function calls so far.
+    calls: usize,
     /// `message_stop` arrived: the answer is complete.
     stopped: bool,
     /// A `Finish` was produced (from `message_delta`).
@@ -295,9 +578,12 @@ struct EventReader {
 }
 
 impl EventReader {
-    fn new(http: Upstream) -> Self {
+    fn new(http: Upstream, answer_tool: Option<String>) -> Self {
         Self {
             http,
+            answer_tool,
+            blocks: HashMap::new(),
+            calls: 0,
             stopped: false,
             finished: false,
         }
@@ -305,68 +591,100 @@ impl EventReader {
 
     /// The events one SSE event (`event:` name and `data:`) carries.
     fn read(&mut self, name: &str, data: &str) -> Result<Vec<ChatEvent>, ProviderError> {
-        let data: Value = serde_json::from_str(data).map_err(|e| {
+        let bad = |e: serde_json::Error| {
             self.http
                 .protocol(format!("bad JSON in `{name}` event: {e}"))
-        })?;
-        // Unnamed events arrive as "message" (the SSE default); Anthropic names every event,
-        // and its data repeats the name as `type`.
-        let kind = if name.is_empty() || name == "message" {
-            data.get("type").and_then(Value::as_str).unwrap_or_default()
-        } else {
-            name
         };
+        let mut raw: Value = serde_json::from_str(data).map_err(bad)?;
+        // Anthropic's data repeats the event's name as `type`; an event named only by its
+        // `event:` line is read by that name.
+        if let Some(object) = raw.as_object_mut() {
+            if !object.contains_key("type") && !name.is_empty() && name != "message" {
+                object.insert("type".into(), json!(name));
+            }
+        }
+        let event: StreamEvent = serde_json::from_value(raw).map_err(bad)?;
         let mut events = Vec::new();
-        match kind {
-            "message_start" => {
-                if let Some(prompt) = data.pointer("/message/usage").and_then(prompt_tokens) {
+        match event {
+            StreamEvent::MessageStart { message } => {
+                if let Some(prompt) = message.usage.as_ref().and_then(WireUsage::prompt_tokens) {
                     events.push(ChatEvent::Usage(Usage {
                         prompt_tokens: Some(prompt),
                         completion_tokens: None,
                     }));
                 }
             }
-            "content_block_delta" => {
-                let delta = &data["delta"];
-                if delta["type"] == "text_delta" {
-                    match delta["text"].as_str() {
-                        Some("") => {}
-                        Some(text) => events.push(ChatEvent::Delta(text.to_owned())),
-                        None => return Err(self.http.protocol("text_delta without text")),
-                    }
+            StreamEvent::ContentBlockStart {
+                index,
+                content_block: StartBlock::ToolUse { id, name },
+            } => {
+                if self.answer_tool.as_deref() == Some(name.as_str()) {
+                    self.blocks.insert(index, BlockRole::Answer);
+                } else {
+                    self.blocks.insert(index, BlockRole::Call(self.calls));
+                    events.push(ChatEvent::ToolCall(ToolCallDelta {
+                        index: self.calls,
+                        id: Some(id),
+                        name: Some(name),
+                        arguments: String::new(),
+                    }));
+                    self.calls += 1;
                 }
             }
-            "message_delta" => {
-                let usage = &data["usage"];
-                let completion = usage.get("output_tokens").and_then(Value::as_u64);
-                let prompt = prompt_tokens(usage);
-                if completion.is_some() || prompt.is_some() {
-                    events.push(ChatEvent::Usage(Usage {
-                        prompt_tokens: prompt,
-                        completion_tokens: completion,
-                    }));
+            StreamEvent::ContentBlockDelta { index, delta } => match delta {
+                BlockDelta::TextDelta { text } if !text.is_empty() => {
+                    events.push(ChatEvent::Delta(text));
                 }
-                if let Some(reason) = data.pointer("/delta/stop_reason").and_then(Value::as_str) {
-                    events.push(ChatEvent::Finish(finish_reason(reason)));
+                BlockDelta::InputJsonDelta { partial_json } if !partial_json.is_empty() => {
+                    match self.blocks.get(&index) {
+                        Some(BlockRole::Answer) => events.push(ChatEvent::Delta(partial_json)),
+                        Some(BlockRole::Call(call)) => {
+                            events.push(ChatEvent::ToolCall(ToolCallDelta {
+                                index: *call,
+                                id: None,
+                                name: None,
+                                arguments: partial_json,
+                            }));
+                        }
+                        // Input of a block that is no client tool call (Anthropic's own server
+                        // tools): not part of the answer.
+                        None => {}
+                    }
+                }
+                _ => {}
+            },
+            StreamEvent::MessageDelta { delta, usage } => {
+                if let Some(usage) = usage {
+                    let (prompt, completion) = (usage.prompt_tokens(), usage.output_tokens);
+                    if completion.is_some() || prompt.is_some() {
+                        events.push(ChatEvent::Usage(Usage {
+                            prompt_tokens: prompt,
+                            completion_tokens: completion,
+                        }));
+                    }
+                }
+                if let Some(reason) = delta.stop_reason {
+                    let answered = self.answer_tool.is_some() && self.calls == 0;
+                    events.push(ChatEvent::Finish(match finish_reason(&reason) {
+                        FinishReason::ToolCalls if answered => FinishReason::Stop,
+                        reason => reason,
+                    }));
                     self.finished = true;
                 }
             }
-            "message_stop" => {
+            StreamEvent::MessageStop => {
                 self.stopped = true;
                 if !self.finished {
                     events.push(ChatEvent::Finish(FinishReason::Stop));
                     self.finished = true;
                 }
             }
-            "error" => {
-                let err = &data["error"];
-                let kind = err["type"].as_str().unwrap_or("error");
-                let message = err["message"].as_str().unwrap_or("error in the stream");
+            StreamEvent::Error { error } => {
+                let kind = error.kind.as_deref().unwrap_or("error");
+                let message = error.message.as_deref().unwrap_or("error in the stream");
                 return Err(self.http.protocol(format!("{kind}: {message}")));
             }
-            // ping, content_block_start/stop, other block deltas (tool input, thinking), and
-            // event types Anthropic may add later.
-            _ => {}
+            StreamEvent::ContentBlockStart { .. } | StreamEvent::Other => {}
         }
         Ok(events)
     }
@@ -374,11 +692,11 @@ impl EventReader {
 
 /// The chat events of a Messages event stream; it fails if the stream ends before
 /// `message_stop`, and ends at the first error.
-fn chat_events<S>(http: Upstream, sse: S) -> ChatStream
+fn chat_events<S>(reader: EventReader, sse: S) -> ChatStream
 where
     S: Stream<Item = Result<(String, String), ProviderError>> + Send + 'static,
 {
-    let start = Some((Box::pin(sse), EventReader::new(http)));
+    let start = Some((Box::pin(sse), reader));
     let batches = futures::stream::unfold(start, |state| async move {
         let (mut sse, mut reader) = state?;
         loop {
@@ -408,6 +726,10 @@ impl ChatProvider for Anthropic {
         Provider::Anthropic
     }
 
+    fn takes_image_urls(&self) -> bool {
+        true
+    }
+
     async fn chat(&self, request: &ChatRequest) -> Result<ChatStream, ProviderError> {
         let call = self
             .authorized(self.http.client.post(self.url("/v1/messages")))?
@@ -417,7 +739,9 @@ impl ChatProvider for Anthropic {
             .send(call)
             .await
             .map_err(|e| e.for_model(&request.model))?;
-        Ok(chat_events(self.http.clone(), self.http.sse(response)))
+        let answer_tool = answer_tool(request).map(|t| t.name.to_owned());
+        let reader = EventReader::new(self.http.clone(), answer_tool);
+        Ok(chat_events(reader, self.http.sse(response)))
     }
 
     /// Always fails with [`NO_EMBEDDINGS`] (status 404).
@@ -449,7 +773,7 @@ mod tests {
     use super::*;
     use crate::config::Settings;
     use crate::providers::test_support::{self, chat_request, msg};
-    use crate::providers::{ChatParams, Image};
+    use crate::providers::{ChatParams, Image, Role};
     use proptest::prelude::*;
 
     fn request(messages: Vec<Message>, params: ChatParams) -> ChatRequest {
@@ -462,13 +786,26 @@ mod tests {
 
     /// Runs `events` (name, data) through the stream reader and collects what comes out.
     async fn run(events: &[(&str, Value)]) -> Vec<Result<ChatEvent, ProviderError>> {
+        run_with(None, events).await
+    }
+
+    /// As [`run`], for a request that forced `answer_tool` for a structured answer.
+    async fn run_with(
+        answer_tool: Option<&str>,
+        events: &[(&str, Value)],
+    ) -> Vec<Result<ChatEvent, ProviderError>> {
         let items: Vec<Result<(String, String), ProviderError>> = events
             .iter()
             .map(|(name, data)| Ok(((*name).to_owned(), data.to_string())))
             .collect();
-        chat_events(http(), futures::stream::iter(items))
+        let reader = EventReader::new(http(), answer_tool.map(str::to_owned));
+        chat_events(reader, futures::stream::iter(items))
             .collect()
             .await
+    }
+
+    fn chat_body(request: &ChatRequest) -> Value {
+        serde_json::to_value(super::chat_body(request)).unwrap()
     }
 
     fn message_start(input: u64) -> (&'static str, Value) {
@@ -586,7 +923,7 @@ mod tests {
             seed: Some(7),
             presence_penalty: Some(0.1),
             frequency_penalty: Some(0.2),
-            format: None,
+            ..ChatParams::default()
         };
         let body = chat_body(&request(vec![msg(Role::User, "hi")], params));
         assert_eq!(body["max_tokens"], 64);
@@ -624,14 +961,8 @@ mod tests {
         );
         let mut user = msg(Role::User, "what is this?");
         user.images = vec![
-            Image {
-                media_type: "image/jpeg".into(),
-                data: jpeg.clone(),
-            },
-            Image {
-                media_type: "image/gif".into(),
-                data: gif.clone(),
-            },
+            Image::base64("image/jpeg", jpeg.clone()),
+            Image::base64("image/gif", gif.clone()),
         ];
         let body = chat_body(&request(vec![user], ChatParams::default()));
         assert_eq!(
@@ -652,35 +983,247 @@ mod tests {
         );
     }
 
+    fn weather_tool() -> crate::providers::Tool {
+        crate::providers::Tool {
+            name: "weather".into(),
+            description: Some("Weather in a city".into()),
+            parameters: Some(json!({"type": "object", "properties": {"city": {"type": "string"}}})),
+            strict: None,
+        }
+    }
+
     #[test]
-    fn json_mode_asks_for_json_in_the_system_prompt() {
+    fn json_mode_forces_an_answer_tool_or_asks_in_the_system_prompt() {
         let json_mode = ChatParams {
             format: Some(OutputFormat::Json),
             ..ChatParams::default()
         };
         let body = chat_body(&request(vec![msg(Role::User, "list")], json_mode));
-        assert_eq!(body["system"], JSON_ONLY);
+        assert!(body.get("system").is_none());
+        assert_eq!(
+            body["tools"],
+            json!([{"name": JSON_TOOL, "input_schema": {"type": "object"}}])
+        );
+        assert_eq!(
+            body["tool_choice"],
+            json!({"type": "tool", "name": JSON_TOOL})
+        );
 
         let schema = json!({"type": "object", "properties": {"n": {"type": "integer"}}});
+        let format = OutputFormat::JsonSchema(crate::providers::JsonSchema {
+            name: "count".into(),
+            description: Some("a count".into()),
+            schema: schema.clone(),
+            strict: Some(true),
+        });
         let schema_mode = ChatParams {
-            format: Some(OutputFormat::JsonSchema(schema.clone())),
+            format: Some(format.clone()),
             ..ChatParams::default()
         };
         let body = chat_body(&request(
             vec![msg(Role::System, "be brief"), msg(Role::User, "count")],
             schema_mode,
         ));
+        assert_eq!(body["system"], "be brief");
+        assert_eq!(
+            body["tools"],
+            json!([{"name": "count", "description": "a count", "input_schema": schema}])
+        );
+        assert_eq!(
+            body["tool_choice"],
+            json!({"type": "tool", "name": "count"})
+        );
+
+        // With the client's own tools, forcing one would forbid theirs: the prompt asks.
+        let with_tools = ChatParams {
+            format: Some(format),
+            tools: vec![weather_tool()],
+            ..ChatParams::default()
+        };
+        let body = chat_body(&request(vec![msg(Role::User, "count")], with_tools));
         let system = body["system"].as_str().unwrap();
-        assert!(system.starts_with("be brief\n\nRespond with a single valid JSON value"));
+        assert!(system.starts_with("Respond with a single valid JSON value"));
         assert!(system.ends_with(&schema.to_string()), "{system}");
+        assert_eq!(body["tools"].as_array().unwrap().len(), 1);
+        assert!(body.get("tool_choice").is_none());
         assert!(body.get("response_format").is_none());
+    }
+
+    #[test]
+    fn tools_choices_calls_and_results_are_translated() {
+        let mut call = msg(Role::Assistant, "Let me look.");
+        call.tool_calls = vec![
+            crate::providers::ToolCall {
+                id: "call_abc".into(),
+                name: "weather".into(),
+                arguments: r#"{"city":"Paris"}"#.into(),
+            },
+            crate::providers::ToolCall {
+                id: "fc.7/x".into(),
+                name: "weather".into(),
+                arguments: "not json".into(),
+            },
+        ];
+        let mut first = msg(Role::Tool, "22 C");
+        first.tool_call_id = Some("call_abc".into());
+        let mut second = msg(Role::Tool, "");
+        second.tool_call_id = Some("fc.7/x".into());
+        let params = ChatParams {
+            tools: vec![weather_tool()],
+            tool_choice: Some(crate::providers::ToolChoice::Required),
+            parallel_tool_calls: Some(false),
+            user: Some("u-1".into()),
+            ..ChatParams::default()
+        };
+        let body = chat_body(&request(
+            vec![
+                msg(Role::User, "weather?"),
+                call,
+                first,
+                second,
+                msg(Role::User, "thanks"),
+            ],
+            params,
+        ));
+        let rewritten = tool_id("fc.7/x");
+        assert!(rewritten.starts_with("fc_7_x_"), "{rewritten}");
+        assert_eq!(tool_id("call_abc"), "call_abc");
+        assert_ne!(tool_id("a.b"), tool_id("a_b"), "rewritten ids stay apart");
+        assert_eq!(
+            body["messages"],
+            json!([
+                {"role": "user", "content": "weather?"},
+                {"role": "assistant", "content": [
+                    {"type": "text", "text": "Let me look."},
+                    {"type": "tool_use", "id": "call_abc", "name": "weather", "input": {"city": "Paris"}},
+                    {"type": "tool_use", "id": rewritten, "name": "weather", "input": {"arguments": "not json"}},
+                ]},
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "call_abc", "content": "22 C"},
+                    {"type": "tool_result", "tool_use_id": rewritten},
+                    {"type": "text", "text": "thanks"},
+                ]},
+            ])
+        );
+        assert_eq!(
+            body["tools"],
+            json!([{"name": "weather", "description": "Weather in a city",
+                "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}])
+        );
+        assert_eq!(
+            body["tool_choice"],
+            json!({"type": "any", "disable_parallel_tool_use": true})
+        );
+        assert_eq!(body["metadata"], json!({"user_id": "u-1"}));
+        for (choice, wire) in [
+            (crate::providers::ToolChoice::Auto, json!({"type": "auto"})),
+            (crate::providers::ToolChoice::None, json!({"type": "none"})),
+            (
+                crate::providers::ToolChoice::Function("weather".into()),
+                json!({"type": "tool", "name": "weather"}),
+            ),
+        ] {
+            let params = ChatParams {
+                tools: vec![weather_tool()],
+                tool_choice: Some(choice),
+                ..ChatParams::default()
+            };
+            let body = chat_body(&request(vec![msg(Role::User, "hi")], params));
+            assert_eq!(body["tool_choice"], wire);
+        }
+    }
+
+    #[tokio::test]
+    async fn tool_use_blocks_stream_as_call_deltas() {
+        let block_start = |index: u64, id: &str| {
+            (
+                "content_block_start",
+                json!({"type": "content_block_start", "index": index,
+                    "content_block": {"type": "tool_use", "id": id, "name": "weather", "input": {}}}),
+            )
+        };
+        let json_delta = |index: u64, part: &str| {
+            (
+                "content_block_delta",
+                json!({"type": "content_block_delta", "index": index,
+                    "delta": {"type": "input_json_delta", "partial_json": part}}),
+            )
+        };
+        let events = run(&[
+            message_start(10),
+            text_delta("Checking."),
+            block_start(1, "toolu_01"),
+            json_delta(1, ""),
+            json_delta(1, "{\"city\": "),
+            json_delta(1, "\"Paris\"}"),
+            (
+                "content_block_stop",
+                json!({"type": "content_block_stop", "index": 1}),
+            ),
+            block_start(2, "toolu_02"),
+            json_delta(2, "{}"),
+            message_delta("tool_use", 30),
+            message_stop(),
+        ])
+        .await;
+        let events: Vec<ChatEvent> = events.into_iter().map(Result::unwrap).collect();
+        let call = |index, id: Option<&str>, name: Option<&str>, arguments: &str| {
+            ChatEvent::ToolCall(ToolCallDelta {
+                index,
+                id: id.map(str::to_owned),
+                name: name.map(str::to_owned),
+                arguments: arguments.to_owned(),
+            })
+        };
+        assert_eq!(
+            events[1..7],
+            [
+                ChatEvent::Delta("Checking.".into()),
+                call(0, Some("toolu_01"), Some("weather"), ""),
+                call(0, None, None, "{\"city\": "),
+                call(0, None, None, "\"Paris\"}"),
+                call(1, Some("toolu_02"), Some("weather"), ""),
+                call(1, None, None, "{}"),
+            ]
+        );
+        assert_eq!(
+            events.last(),
+            Some(&ChatEvent::Finish(FinishReason::ToolCalls))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_forced_answer_tool_streams_as_text() {
+        let events = run_with(
+            Some("count"),
+            &[
+                message_start(10),
+                (
+                    "content_block_start",
+                    json!({"type": "content_block_start", "index": 0,
+                        "content_block": {"type": "tool_use", "id": "toolu_9", "name": "count", "input": {}}}),
+                ),
+                (
+                    "content_block_delta",
+                    json!({"type": "content_block_delta", "index": 0,
+                        "delta": {"type": "input_json_delta", "partial_json": "{\"n\": 3}"}}),
+                ),
+                message_delta("tool_use", 5),
+                message_stop(),
+            ],
+        )
+        .await;
+        let events: Vec<ChatEvent> = events.into_iter().map(Result::unwrap).collect();
+        assert_eq!(events[1], ChatEvent::Delta("{\"n\": 3}".into()));
+        assert_eq!(events.last(), Some(&ChatEvent::Finish(FinishReason::Stop)));
+        assert!(!events.iter().any(|e| matches!(e, ChatEvent::ToolCall(_))));
     }
 
     #[test]
     fn stop_reasons_map_to_finish_reasons() {
         assert_eq!(finish_reason("end_turn"), FinishReason::Stop);
         assert_eq!(finish_reason("stop_sequence"), FinishReason::Stop);
-        assert_eq!(finish_reason("tool_use"), FinishReason::Stop);
+        assert_eq!(finish_reason("tool_use"), FinishReason::ToolCalls);
         assert_eq!(finish_reason("pause_turn"), FinishReason::Stop);
         assert_eq!(finish_reason("max_tokens"), FinishReason::Length);
         assert_eq!(

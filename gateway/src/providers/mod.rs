@@ -9,6 +9,8 @@ pub mod ollama;
 pub mod openai;
 #[cfg(test)]
 pub(crate) mod test_support;
+pub mod tools;
+pub mod turns;
 
 use std::pin::Pin;
 
@@ -17,9 +19,10 @@ use claw_ledger::{FallbackReason, Provider};
 use futures::Stream;
 
 /// Who wrote a message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Role {
     System,
+    #[default]
     User,
     Assistant,
     Tool,
@@ -36,39 +39,133 @@ impl Role {
     }
 }
 
-/// An image attached to a turn, as the client sent it in a `data:` URL.
+/// An image attached to a turn.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Image {
-    /// e.g. `image/png`.
-    pub media_type: String,
-    /// The base64 payload.
-    pub data: String,
+pub enum Image {
+    /// The bytes, base64-encoded, and their media type (e.g. `image/png`).
+    Base64 { media_type: String, data: String },
+    /// A remote `http(s)` URL: only providers that fetch images themselves receive one; for
+    /// the others the gateway fetches it first (see [`ChatProvider::takes_image_urls`]).
+    Url(String),
 }
 
 impl Image {
+    pub fn base64(media_type: impl Into<String>, data: impl Into<String>) -> Self {
+        Self::Base64 {
+            media_type: media_type.into(),
+            data: data.into(),
+        }
+    }
+
     /// A PNG with `data` (tests and defaults).
     pub fn png(data: impl Into<String>) -> Self {
-        Self {
-            media_type: "image/png".into(),
-            data: data.into(),
+        Self::base64("image/png", data)
+    }
+
+    /// The media type and base64 data, unless the image is still a URL.
+    pub fn inline(&self) -> Option<(&str, &str)> {
+        match self {
+            Image::Base64 { media_type, data } => Some((media_type, data)),
+            Image::Url(_) => None,
         }
     }
 }
 
 /// A conversation turn, provider-neutral.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Message {
     pub role: Role,
     pub content: String,
     /// Images attached to the turn.
     pub images: Vec<Image>,
+    /// The functions an assistant turn called.
+    pub tool_calls: Vec<ToolCall>,
+    /// The call a `Tool` turn answers.
+    pub tool_call_id: Option<String>,
+}
+
+impl Message {
+    /// A text-only turn.
+    pub fn text(role: Role, content: impl Into<String>) -> Self {
+        Self {
+            role,
+            content: content.into(),
+            ..Self::default()
+        }
+    }
+}
+
+/// A function the model may call: its name, what it does, and its arguments' JSON Schema.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tool {
+    pub name: String,
+    pub description: Option<String>,
+    /// A JSON Schema object; `None` when the function takes no arguments.
+    pub parameters: Option<serde_json::Value>,
+    /// OpenAI's strict schema adherence (only OpenAI honours it).
+    pub strict: Option<bool>,
+}
+
+/// Whether and which tools the model may or must call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToolChoice {
+    /// Answer with text only.
+    None,
+    /// The model decides.
+    Auto,
+    /// At least one call.
+    Required,
+    /// Exactly this function.
+    Function(String),
+}
+
+/// A function call the model made: its id, the function, and the arguments as JSON text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolCall {
+    pub id: String,
+    pub name: String,
+    pub arguments: String,
+}
+
+/// Part of a streamed function call: the call at `index` starts with its id and name; its
+/// arguments follow as JSON text fragments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolCallDelta {
+    pub index: usize,
+    pub id: Option<String>,
+    pub name: Option<String>,
+    pub arguments: String,
+}
+
+impl ToolCallDelta {
+    /// A whole call at `index` as one delta (providers that do not stream arguments).
+    pub fn whole(index: usize, call: ToolCall) -> Self {
+        Self {
+            index,
+            id: Some(call.id),
+            name: Some(call.name),
+            arguments: call.arguments,
+        }
+    }
 }
 
 /// How the answer must be formatted.
 #[derive(Debug, Clone, PartialEq)]
 pub enum OutputFormat {
+    /// Any JSON object.
     Json,
-    JsonSchema(serde_json::Value),
+    /// JSON that conforms to a schema.
+    JsonSchema(JsonSchema),
+}
+
+/// OpenAI's `response_format.json_schema`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JsonSchema {
+    /// The schema's name (OpenAI requires one).
+    pub name: String,
+    pub description: Option<String>,
+    pub schema: serde_json::Value,
+    pub strict: Option<bool>,
 }
 
 /// Sampling and length settings, provider-neutral.
@@ -82,6 +179,15 @@ pub struct ChatParams {
     pub presence_penalty: Option<f64>,
     pub frequency_penalty: Option<f64>,
     pub format: Option<OutputFormat>,
+    /// Functions the model may call.
+    pub tools: Vec<Tool>,
+    pub tool_choice: Option<ToolChoice>,
+    /// `false` asks for at most one call per turn.
+    pub parallel_tool_calls: Option<bool>,
+    /// The end user, for the provider's abuse monitoring.
+    pub user: Option<String>,
+    /// Fields only OpenAI has, passed to it as the client sent them.
+    pub openai_only: serde_json::Map<String, serde_json::Value>,
 }
 
 /// A chat request for one upstream model.
@@ -99,6 +205,8 @@ pub enum FinishReason {
     Stop,
     Length,
     ContentFilter,
+    /// The model called functions.
+    ToolCalls,
 }
 
 impl FinishReason {
@@ -107,6 +215,7 @@ impl FinishReason {
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
             FinishReason::ContentFilter => "content_filter",
+            FinishReason::ToolCalls => "tool_calls",
         }
     }
 }
@@ -123,6 +232,8 @@ pub struct Usage {
 pub enum ChatEvent {
     /// More answer text.
     Delta(String),
+    /// Part of a function call.
+    ToolCall(ToolCallDelta),
     /// Generation ended.
     Finish(FinishReason),
     /// Token counts (may come before or after `Finish`).
@@ -236,6 +347,12 @@ pub trait ChatProvider: Send + Sync + 'static {
 
     /// The model ids the upstream offers.
     async fn models(&self) -> Result<Vec<String>, ProviderError>;
+
+    /// Whether the provider fetches remote image URLs itself; when not, the gateway fetches
+    /// them and sends the bytes.
+    fn takes_image_urls(&self) -> bool {
+        false
+    }
 
     /// A line about the provider's own state for status reports (e.g. Gemini's accounts).
     fn status_detail(&self) -> Option<String> {

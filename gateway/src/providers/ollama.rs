@@ -1,15 +1,18 @@
 //! The local tier: Ollama's native API (`/api/chat` streamed as NDJSON, `/api/embed`,
-//! `/api/tags`).
+//! `/api/tags`). Tool calls come whole (arguments as a JSON object, no id in older
+//! versions), so each becomes one delta with an id the gateway makes when Ollama gave none.
 
 use async_trait::async_trait;
 use claw_ledger::Provider;
 use futures::StreamExt;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use super::http::{listed, Upstream};
+use super::tools::{arguments_object, names_by_call_id, new_call_id};
 use super::{
     ChatEvent, ChatProvider, ChatRequest, ChatStream, Embeddings, FinishReason, OutputFormat,
-    ProviderError, Usage,
+    ProviderError, ToolCall, ToolCallDelta, ToolChoice, Usage,
 };
 use crate::config::Timeouts;
 
@@ -32,69 +35,255 @@ impl Ollama {
     }
 }
 
-/// The `/api/chat` body for `request`.
-pub fn chat_body(request: &ChatRequest) -> Value {
-    let messages: Vec<Value> = request
-        .messages
-        .iter()
-        .map(|m| {
-            let mut msg = json!({"role": m.role.as_str(), "content": m.content});
-            if !m.images.is_empty() {
-                let images: Vec<&str> = m.images.iter().map(|i| i.data.as_str()).collect();
-                msg["images"] = json!(images);
-            }
-            msg
-        })
-        .collect();
-    let p = &request.params;
-    let mut options = Map::new();
-    let mut put = |k: &str, v: Option<Value>| {
-        if let Some(v) = v {
-            options.insert(k.to_owned(), v);
-        }
-    };
-    put("temperature", p.temperature.map(Value::from));
-    put("top_p", p.top_p.map(Value::from));
-    put("num_predict", p.max_tokens.map(Value::from));
-    put("seed", p.seed.map(Value::from));
-    put("presence_penalty", p.presence_penalty.map(Value::from));
-    put("frequency_penalty", p.frequency_penalty.map(Value::from));
-    put("stop", (!p.stop.is_empty()).then(|| json!(p.stop)));
-    let mut body = json!({"model": request.model, "messages": messages, "stream": true});
-    if !options.is_empty() {
-        body["options"] = Value::Object(options);
-    }
-    match &p.format {
-        Some(OutputFormat::Json) => body["format"] = json!("json"),
-        Some(OutputFormat::JsonSchema(schema)) => body["format"] = schema.clone(),
-        None => {}
-    }
-    body
+/// The `/api/chat` body: OpenAI's sampling settings become `options`; tools go as Ollama's
+/// native `tools` (only the named one when the client forces a function; none when it asks
+/// for `none`; Ollama cannot be made to call one, so `required` is best effort); a response
+/// format becomes `format` (`"json"`, or the schema itself).
+#[derive(Debug, Serialize)]
+pub struct ChatBody<'a> {
+    model: &'a str,
+    messages: Vec<WireMessage<'a>>,
+    stream: bool,
+    #[serde(skip_serializing_if = "Options::is_empty")]
+    options: Options<'a>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tools: Vec<WireTool<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    format: Option<Value>,
 }
 
-/// The events one NDJSON line of `/api/chat` carries.
-fn line_events(http: &Upstream, line: &Value) -> Result<Vec<ChatEvent>, ProviderError> {
-    if let Some(err) = line.get("error") {
-        return Err(http.protocol(err.as_str().unwrap_or("error in stream").to_owned()));
+#[derive(Debug, Default, Serialize)]
+struct Options<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    num_predict: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seed: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    presence_penalty: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    frequency_penalty: Option<f64>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    stop: &'a [String],
+}
+
+impl Options<'_> {
+    fn is_empty(&self) -> bool {
+        self.temperature.is_none()
+            && self.top_p.is_none()
+            && self.num_predict.is_none()
+            && self.seed.is_none()
+            && self.presence_penalty.is_none()
+            && self.frequency_penalty.is_none()
+            && self.stop.is_empty()
     }
-    let mut events = Vec::with_capacity(1);
-    if let Some(text) = line.pointer("/message/content").and_then(Value::as_str) {
-        if !text.is_empty() {
-            events.push(ChatEvent::Delta(text.to_owned()));
+}
+
+#[derive(Debug, Serialize)]
+struct WireMessage<'a> {
+    role: &'static str,
+    content: &'a str,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    images: Vec<&'a str>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tool_calls: Vec<WireToolCall<'a>>,
+    /// The function a tool result answers (Ollama pairs results by name).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_name: Option<&'a str>,
+}
+
+#[derive(Debug, Serialize)]
+struct WireToolCall<'a> {
+    function: WireCall<'a>,
+}
+
+#[derive(Debug, Serialize)]
+struct WireCall<'a> {
+    name: &'a str,
+    arguments: Map<String, Value>,
+}
+
+#[derive(Debug, Serialize)]
+struct WireTool<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    function: WireFunction<'a>,
+}
+
+#[derive(Debug, Serialize)]
+struct WireFunction<'a> {
+    name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    description: Option<&'a str>,
+    parameters: Value,
+}
+
+/// The body for `request` (see [`ChatBody`]).
+pub fn chat_body(request: &ChatRequest) -> ChatBody<'_> {
+    let p = &request.params;
+    let names = names_by_call_id(&request.messages);
+    let messages = request
+        .messages
+        .iter()
+        .map(|m| WireMessage {
+            role: m.role.as_str(),
+            content: &m.content,
+            images: m
+                .images
+                .iter()
+                .filter_map(|i| i.inline())
+                .map(|(_, data)| data)
+                .collect(),
+            tool_calls: m
+                .tool_calls
+                .iter()
+                .map(|c| WireToolCall {
+                    function: WireCall {
+                        name: &c.name,
+                        arguments: arguments_object(&c.arguments),
+                    },
+                })
+                .collect(),
+            tool_name: m
+                .tool_call_id
+                .as_deref()
+                .and_then(|id| names.get(id).copied()),
+        })
+        .collect();
+    let tools = p
+        .tools
+        .iter()
+        .filter(|t| match &p.tool_choice {
+            Some(ToolChoice::None) => false,
+            Some(ToolChoice::Function(name)) => t.name == *name,
+            _ => true,
+        })
+        .map(|t| WireTool {
+            kind: "function",
+            function: WireFunction {
+                name: &t.name,
+                description: t.description.as_deref(),
+                parameters: t
+                    .parameters
+                    .clone()
+                    .unwrap_or_else(|| json!({"type": "object", "properties": {}})),
+            },
+        })
+        .collect();
+    ChatBody {
+        model: &request.model,
+        messages,
+        stream: true,
+        options: Options {
+            temperature: p.temperature,
+            top_p: p.top_p,
+            num_predict: p.max_tokens,
+            seed: p.seed,
+            presence_penalty: p.presence_penalty,
+            frequency_penalty: p.frequency_penalty,
+            stop: &p.stop,
+        },
+        tools,
+        format: p.format.as_ref().map(|format| match format {
+            OutputFormat::Json => json!("json"),
+            OutputFormat::JsonSchema(s) => s.schema.clone(),
+        }),
+    }
+}
+
+/// One NDJSON line of `/api/chat`, the parts the gateway reads.
+#[derive(Debug, Deserialize)]
+struct Line {
+    #[serde(default)]
+    message: Option<LineMessage>,
+    #[serde(default)]
+    done: bool,
+    #[serde(default)]
+    done_reason: Option<String>,
+    #[serde(default)]
+    prompt_eval_count: Option<u64>,
+    #[serde(default)]
+    eval_count: Option<u64>,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct LineMessage {
+    #[serde(default)]
+    content: String,
+    #[serde(default)]
+    tool_calls: Vec<LineToolCall>,
+}
+
+#[derive(Debug, Deserialize)]
+struct LineToolCall {
+    /// Newer Ollama versions name their calls; older ones do not.
+    #[serde(default)]
+    id: Option<String>,
+    function: LineCall,
+}
+
+#[derive(Debug, Deserialize)]
+struct LineCall {
+    name: String,
+    #[serde(default)]
+    arguments: Value,
+}
+
+/// Reads a chat stream's lines; calls are numbered across the whole stream, since Ollama
+/// sends each whole, possibly on separate lines.
+#[derive(Default)]
+struct LineReader {
+    calls: usize,
+}
+
+impl LineReader {
+    /// The events one NDJSON line carries.
+    fn read(&mut self, http: &Upstream, line: Value) -> Result<Vec<ChatEvent>, ProviderError> {
+        let line: Line = serde_json::from_value(line)
+            .map_err(|e| http.protocol(format!("bad line in the chat stream: {e}")))?;
+        if let Some(err) = line.error {
+            return Err(http.protocol(err));
         }
+        let mut events = Vec::with_capacity(1);
+        if let Some(message) = line.message {
+            if !message.content.is_empty() {
+                events.push(ChatEvent::Delta(message.content));
+            }
+            for call in message.tool_calls {
+                let arguments = match call.function.arguments {
+                    Value::Null => "{}".to_owned(),
+                    Value::String(text) => text,
+                    other => other.to_string(),
+                };
+                events.push(ChatEvent::ToolCall(ToolCallDelta::whole(
+                    self.calls,
+                    ToolCall {
+                        id: call.id.unwrap_or_else(new_call_id),
+                        name: call.function.name,
+                        arguments,
+                    },
+                )));
+                self.calls += 1;
+            }
+        }
+        if line.done {
+            events.push(ChatEvent::Usage(Usage {
+                prompt_tokens: line.prompt_eval_count,
+                completion_tokens: line.eval_count,
+            }));
+            let reason = match line.done_reason.as_deref() {
+                Some("length") => FinishReason::Length,
+                _ => FinishReason::Stop,
+            };
+            events.push(ChatEvent::Finish(reason));
+        }
+        Ok(events)
     }
-    if line.get("done").and_then(Value::as_bool) == Some(true) {
-        events.push(ChatEvent::Usage(Usage {
-            prompt_tokens: line.get("prompt_eval_count").and_then(Value::as_u64),
-            completion_tokens: line.get("eval_count").and_then(Value::as_u64),
-        }));
-        let reason = match line.get("done_reason").and_then(Value::as_str) {
-            Some("length") => FinishReason::Length,
-            _ => FinishReason::Stop,
-        };
-        events.push(ChatEvent::Finish(reason));
-    }
-    Ok(events)
 }
 
 #[async_trait]
@@ -115,9 +304,10 @@ impl ChatProvider for Ollama {
             .await
             .map_err(|e| e.for_model(&request.model))?;
         let http = self.http.clone();
+        let mut reader = LineReader::default();
         let events = self.http.ndjson(response).flat_map(move |line| {
             let out: Vec<Result<ChatEvent, ProviderError>> =
-                match line.and_then(|l| line_events(&http, &l)) {
+                match line.and_then(|l| reader.read(&http, l)) {
                     Ok(events) => events.into_iter().map(Ok).collect(),
                     Err(e) => vec![Err(e)],
                 };
@@ -169,11 +359,7 @@ mod tests {
     fn chat_body_maps_openai_settings_to_ollama_options() {
         let req = ChatRequest {
             model: "llama3.2".into(),
-            messages: vec![Message {
-                role: Role::System,
-                content: "be brief".into(),
-                images: vec![],
-            }],
+            messages: vec![Message::text(Role::System, "be brief")],
             params: ChatParams {
                 temperature: Some(0.2),
                 max_tokens: Some(5),
@@ -182,7 +368,7 @@ mod tests {
                 ..ChatParams::default()
             },
         };
-        let body = chat_body(&req);
+        let body = serde_json::to_value(chat_body(&req)).unwrap();
         assert_eq!(body["stream"], true);
         assert_eq!(
             body["messages"][0],
@@ -198,6 +384,8 @@ mod tests {
     #[test]
     fn the_final_line_yields_usage_then_finish() {
         let http = Upstream::new("ollama", crate::config::Settings::test_timeouts()).unwrap();
+        let line_events =
+            |http: &Upstream, line: &Value| LineReader::default().read(http, line.clone());
         let done = json!({"message": {"role": "assistant", "content": ""}, "done": true, "done_reason": "length", "prompt_eval_count": 7, "eval_count": 3});
         assert_eq!(
             line_events(&http, &done).unwrap(),

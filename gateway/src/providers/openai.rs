@@ -13,21 +13,18 @@
 use async_trait::async_trait;
 use claw_ledger::Provider;
 use futures::StreamExt;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
 
 use super::http::{error_message, listed, Upstream};
 use super::{
-    ChatEvent, ChatProvider, ChatRequest, ChatStream, Embeddings, FinishReason, Message,
-    OutputFormat, ProviderError, Usage,
+    ChatEvent, ChatProvider, ChatRequest, ChatStream, Embeddings, FinishReason, Image, Message,
+    OutputFormat, ProviderError, ToolCallDelta, ToolChoice, Usage,
 };
 use crate::config::Timeouts;
 
 /// Where OpenAI's API lives when `OPENAI_BASE_URL` is unset.
 pub const DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
-
-/// The name a JSON schema response format gets upstream (OpenAI requires one; the
-/// provider-neutral request does not carry the client's).
-const SCHEMA_NAME: &str = "response";
 
 /// OpenAI (or a compatible server) at `base_url`.
 pub struct OpenAi {
@@ -67,7 +64,7 @@ impl OpenAi {
         format!("{}{path}", self.base_url)
     }
 
-    fn post(&self, path: &str, body: &Value) -> reqwest::RequestBuilder {
+    fn post(&self, path: &str, body: &impl Serialize) -> reqwest::RequestBuilder {
         self.http
             .client
             .post(self.url(path))
@@ -92,54 +89,185 @@ impl OpenAi {
     }
 }
 
-/// The `/chat/completions` body for `request`: always streamed, always with usage.
-pub fn chat_body(request: &ChatRequest) -> Value {
-    let messages: Vec<Value> = request.messages.iter().map(wire_message).collect();
-    let p = &request.params;
-    let mut body = json!({
-        "model": request.model,
-        "messages": messages,
-        "stream": true,
-        "stream_options": {"include_usage": true},
-    });
-    let mut put = |k: &str, v: Option<Value>| {
-        if let Some(v) = v {
-            body[k] = v;
-        }
-    };
-    put("temperature", p.temperature.map(Value::from));
-    put("top_p", p.top_p.map(Value::from));
-    put("max_completion_tokens", p.max_tokens.map(Value::from));
-    put("stop", (!p.stop.is_empty()).then(|| json!(p.stop)));
-    put("seed", p.seed.map(Value::from));
-    put("presence_penalty", p.presence_penalty.map(Value::from));
-    put("frequency_penalty", p.frequency_penalty.map(Value::from));
-    put(
-        "response_format",
-        p.format.as_ref().map(|format| match format {
-            OutputFormat::Json => json!({"type": "json_object"}),
-            OutputFormat::JsonSchema(schema) => json!({
-                "type": "json_schema",
-                "json_schema": {"name": SCHEMA_NAME, "schema": schema},
-            }),
-        }),
-    );
-    body
+/// The `/chat/completions` body: always streamed, always with usage. Everything the client
+/// asked for goes through as OpenAI defines it (tools, tool choice, response format, the
+/// OpenAI-only fields); the length limit goes as `max_completion_tokens`.
+#[derive(Debug, Serialize)]
+pub struct ChatBody<'a> {
+    model: &'a str,
+    messages: Vec<WireMessage<'a>>,
+    stream: bool,
+    stream_options: StreamOptions,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_completion_tokens: Option<u32>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    stop: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seed: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    presence_penalty: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    frequency_penalty: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_format: Option<Value>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tools: Vec<WireTool<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_choice: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parallel_tool_calls: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user: Option<&'a str>,
+    #[serde(flatten)]
+    openai_only: &'a Map<String, Value>,
 }
 
-/// One message on OpenAI's wire: plain `content`, or content parts when it carries images.
-fn wire_message(m: &Message) -> Value {
-    if m.images.is_empty() {
-        return json!({"role": m.role.as_str(), "content": m.content});
+#[derive(Debug, Serialize)]
+struct StreamOptions {
+    include_usage: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct WireTool<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    function: WireFunction<'a>,
+}
+
+#[derive(Debug, Serialize)]
+struct WireFunction<'a> {
+    name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    description: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parameters: Option<&'a Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    strict: Option<bool>,
+}
+
+/// One message on OpenAI's wire.
+#[derive(Debug, Serialize)]
+struct WireMessage<'a> {
+    role: &'static str,
+    /// Text, content parts (with images), or null (an assistant turn that only calls tools).
+    content: Value,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tool_calls: Vec<WireToolCall<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_call_id: Option<&'a str>,
+}
+
+#[derive(Debug, Serialize)]
+struct WireToolCall<'a> {
+    id: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    function: WireCall<'a>,
+}
+
+#[derive(Debug, Serialize)]
+struct WireCall<'a> {
+    name: &'a str,
+    arguments: &'a str,
+}
+
+/// The body for `request` (see [`ChatBody`]).
+pub fn chat_body(request: &ChatRequest) -> ChatBody<'_> {
+    let p = &request.params;
+    ChatBody {
+        model: &request.model,
+        messages: request.messages.iter().map(wire_message).collect(),
+        stream: true,
+        stream_options: StreamOptions {
+            include_usage: true,
+        },
+        temperature: p.temperature,
+        top_p: p.top_p,
+        max_completion_tokens: p.max_tokens,
+        stop: &p.stop,
+        seed: p.seed,
+        presence_penalty: p.presence_penalty,
+        frequency_penalty: p.frequency_penalty,
+        response_format: p.format.as_ref().map(|format| match format {
+            OutputFormat::Json => json!({"type": "json_object"}),
+            OutputFormat::JsonSchema(s) => {
+                let mut spec = json!({"name": s.name, "schema": s.schema});
+                if let Some(description) = &s.description {
+                    spec["description"] = json!(description);
+                }
+                if let Some(strict) = s.strict {
+                    spec["strict"] = json!(strict);
+                }
+                json!({"type": "json_schema", "json_schema": spec})
+            }
+        }),
+        tools: p
+            .tools
+            .iter()
+            .map(|t| WireTool {
+                kind: "function",
+                function: WireFunction {
+                    name: &t.name,
+                    description: t.description.as_deref(),
+                    parameters: t.parameters.as_ref(),
+                    strict: t.strict,
+                },
+            })
+            .collect(),
+        tool_choice: p.tool_choice.as_ref().map(|choice| match choice {
+            ToolChoice::None => json!("none"),
+            ToolChoice::Auto => json!("auto"),
+            ToolChoice::Required => json!("required"),
+            ToolChoice::Function(name) => json!({"type": "function", "function": {"name": name}}),
+        }),
+        parallel_tool_calls: p.parallel_tool_calls,
+        user: p.user.as_deref(),
+        openai_only: &p.openai_only,
     }
-    let mut parts = Vec::with_capacity(m.images.len() + 1);
-    if !m.content.is_empty() {
-        parts.push(json!({"type": "text", "text": m.content}));
+}
+
+/// One message on OpenAI's wire: plain `content`, content parts when it carries images, null
+/// for an assistant turn that only calls tools.
+fn wire_message(m: &Message) -> WireMessage<'_> {
+    let content = if !m.images.is_empty() {
+        let mut parts = Vec::with_capacity(m.images.len() + 1);
+        if !m.content.is_empty() {
+            parts.push(json!({"type": "text", "text": m.content}));
+        }
+        parts.extend(m.images.iter().map(|image| {
+            let url = match image {
+                Image::Base64 { media_type, data } => format!("data:{media_type};base64,{data}"),
+                Image::Url(url) => url.clone(),
+            };
+            json!({"type": "image_url", "image_url": {"url": url}})
+        }));
+        Value::Array(parts)
+    } else if m.content.is_empty() && !m.tool_calls.is_empty() {
+        Value::Null
+    } else {
+        json!(m.content)
+    };
+    WireMessage {
+        role: m.role.as_str(),
+        content,
+        tool_calls: m
+            .tool_calls
+            .iter()
+            .map(|c| WireToolCall {
+                id: &c.id,
+                kind: "function",
+                function: WireCall {
+                    name: &c.name,
+                    arguments: &c.arguments,
+                },
+            })
+            .collect(),
+        tool_call_id: m.tool_call_id.as_deref(),
     }
-    parts.extend(m.images.iter().map(|image| {
-        json!({"type": "image_url", "image_url": {"url": format!("data:{};base64,{}", image.media_type, image.data)}})
-    }));
-    json!({"role": m.role.as_str(), "content": parts})
 }
 
 /// What one `data:` payload of the chat stream means.
@@ -151,52 +279,116 @@ enum Frame {
     Done,
 }
 
+/// A `chat.completion.chunk`, the parts the gateway reads.
+#[derive(Debug, Deserialize)]
+struct Chunk {
+    #[serde(default)]
+    choices: Vec<ChunkChoice>,
+    #[serde(default)]
+    usage: Option<ChunkUsage>,
+    #[serde(default)]
+    error: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ChunkChoice {
+    #[serde(default)]
+    delta: Option<Delta>,
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Delta {
+    #[serde(default)]
+    content: Option<String>,
+    #[serde(default)]
+    refusal: Option<String>,
+    #[serde(default)]
+    tool_calls: Option<Vec<DeltaToolCall>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct DeltaToolCall {
+    /// Some compatible servers leave it out when there is one call.
+    #[serde(default)]
+    index: Option<usize>,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    function: Option<DeltaFunction>,
+}
+
+#[derive(Debug, Deserialize)]
+struct DeltaFunction {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    arguments: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ChunkUsage {
+    #[serde(default)]
+    prompt_tokens: Option<u64>,
+    #[serde(default)]
+    completion_tokens: Option<u64>,
+}
+
 /// Reads one `data:` payload of the chat stream.
 fn read_frame(http: &Upstream, data: &str) -> Result<Frame, ProviderError> {
     let data = data.trim();
     if data == "[DONE]" {
         return Ok(Frame::Done);
     }
-    let chunk: Value = serde_json::from_str(data)
-        .map_err(|e| http.protocol(format!("bad JSON in event stream: {e}")))?;
-    chunk_events(http, &chunk).map(Frame::Events)
+    let chunk: Chunk = serde_json::from_str(data)
+        .map_err(|e| http.protocol(format!("bad chunk in event stream: {e}")))?;
+    chunk_events(http, chunk).map(Frame::Events)
 }
 
-/// The events one `chat.completion.chunk` carries: text, then usage, then the finish reason.
-/// Usage is read from every chunk, not only the final `choices: []` one, because some
+/// The events one chunk carries: text, tool-call deltas, then usage, then the finish
+/// reason. Usage is read from every chunk, not only the final `choices: []` one, because some
 /// compatible servers put it on the chunk that carries `finish_reason`.
-fn chunk_events(http: &Upstream, chunk: &Value) -> Result<Vec<ChatEvent>, ProviderError> {
-    if let Some(err) = chunk.get("error").filter(|e| !e.is_null()) {
+fn chunk_events(http: &Upstream, chunk: Chunk) -> Result<Vec<ChatEvent>, ProviderError> {
+    if let Some(err) = chunk.error.filter(|e| !e.is_null()) {
         return Err(http.protocol(format!(
             "error in stream: {}",
             error_message(&json!({ "error": err }).to_string())
         )));
     }
     let mut events = Vec::with_capacity(2);
-    let choice = chunk.pointer("/choices/0");
-    if let Some(delta) = choice.and_then(|c| c.get("delta")) {
+    let choice = chunk.choices.into_iter().next();
+    let (delta, finish) = choice.map_or((None, None), |c| (c.delta, c.finish_reason));
+    if let Some(delta) = delta {
         // A refusal is the only text the model gives in that case; relay it as the answer.
-        for key in ["content", "refusal"] {
-            if let Some(text) = delta.get(key).and_then(Value::as_str) {
-                if !text.is_empty() {
-                    events.push(ChatEvent::Delta(text.to_owned()));
-                }
+        for text in [delta.content, delta.refusal].into_iter().flatten() {
+            if !text.is_empty() {
+                events.push(ChatEvent::Delta(text));
             }
         }
+        for (position, call) in delta.tool_calls.into_iter().flatten().enumerate() {
+            let (name, arguments) = call
+                .function
+                .map_or((None, None), |f| (f.name, f.arguments));
+            events.push(ChatEvent::ToolCall(ToolCallDelta {
+                index: call.index.unwrap_or(position),
+                id: call.id,
+                name,
+                arguments: arguments.unwrap_or_default(),
+            }));
+        }
     }
-    if let Some(usage) = chunk.get("usage").filter(|u| u.is_object()) {
+    if let Some(usage) = chunk.usage {
         events.push(ChatEvent::Usage(Usage {
-            prompt_tokens: usage.get("prompt_tokens").and_then(Value::as_u64),
-            completion_tokens: usage.get("completion_tokens").and_then(Value::as_u64),
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
         }));
     }
-    let reason = choice
-        .and_then(|c| c.get("finish_reason"))
-        .and_then(Value::as_str);
-    if let Some(reason) = reason {
-        events.push(ChatEvent::Finish(match reason {
+    if let Some(reason) = finish {
+        events.push(ChatEvent::Finish(match reason.as_str() {
             "length" => FinishReason::Length,
             "content_filter" => FinishReason::ContentFilter,
+            "tool_calls" | "function_call" => FinishReason::ToolCalls,
             _ => FinishReason::Stop,
         }));
     }
@@ -263,6 +455,10 @@ fn redact(message: &str, api_key: &str) -> String {
 impl ChatProvider for OpenAi {
     fn provider(&self) -> Provider {
         Provider::Openai
+    }
+
+    fn takes_image_urls(&self) -> bool {
+        true
     }
 
     async fn chat(&self, request: &ChatRequest) -> Result<ChatStream, ProviderError> {
@@ -364,14 +560,17 @@ mod tests {
 
     fn message(role: Role, content: &str, images: &[&str]) -> Message {
         Message {
-            role,
-            content: content.into(),
             images: images.iter().map(|s| Image::png(*s)).collect(),
+            ..Message::text(role, content)
         }
     }
 
     fn events(chunk: &Value) -> Vec<ChatEvent> {
-        chunk_events(&http(), chunk).unwrap()
+        chunk_events(&http(), serde_json::from_value(chunk.clone()).unwrap()).unwrap()
+    }
+
+    fn body(request: &ChatRequest) -> Value {
+        serde_json::to_value(chat_body(request)).unwrap()
     }
 
     #[test]
@@ -383,15 +582,11 @@ mod tests {
                 Message {
                     images: vec![
                         Image::png("iVBORw0KGgoAAA"),
-                        Image {
-                            media_type: "image/jpeg".into(),
-                            data: "/9j/4AAQ".into(),
-                        },
+                        Image::base64("image/jpeg", "/9j/4AAQ"),
                     ],
                     ..message(Role::User, "what is this?", &[])
                 },
                 message(Role::Assistant, "", &[]),
-                message(Role::Tool, "42", &[]),
             ],
             params: ChatParams {
                 temperature: Some(0.2),
@@ -401,10 +596,16 @@ mod tests {
                 seed: Some(-7),
                 presence_penalty: Some(0.5),
                 frequency_penalty: Some(-0.5),
-                format: Some(OutputFormat::JsonSchema(json!({"type": "object"}))),
+                format: Some(OutputFormat::JsonSchema(crate::providers::JsonSchema {
+                    name: "answer".into(),
+                    description: None,
+                    schema: json!({"type": "object"}),
+                    strict: Some(true),
+                })),
+                ..ChatParams::default()
             },
         };
-        let body = chat_body(&req);
+        let body = body(&req);
         assert_eq!(body["model"], "o3-mini");
         assert_eq!(body["stream"], true);
         assert_eq!(body["stream_options"], json!({"include_usage": true}));
@@ -418,7 +619,6 @@ mod tests {
                     {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,/9j/4AAQ"}},
                 ]},
                 {"role": "assistant", "content": ""},
-                {"role": "tool", "content": "42"},
             ])
         );
         assert_eq!(body["max_completion_tokens"], 5);
@@ -438,7 +638,7 @@ mod tests {
         }
         assert_eq!(
             body["response_format"],
-            json!({"type": "json_schema", "json_schema": {"name": "response", "schema": {"type": "object"}}})
+            json!({"type": "json_schema", "json_schema": {"name": "answer", "schema": {"type": "object"}, "strict": true}})
         );
     }
 
@@ -452,7 +652,7 @@ mod tests {
                 ..ChatParams::default()
             },
         };
-        let body = chat_body(&req);
+        let body = body(&req);
         let mut keys: Vec<&str> = body
             .as_object()
             .unwrap()
@@ -498,8 +698,8 @@ mod tests {
         for (wire, reason) in [
             ("stop", FinishReason::Stop),
             ("content_filter", FinishReason::ContentFilter),
-            ("tool_calls", FinishReason::Stop),
-            ("function_call", FinishReason::Stop),
+            ("tool_calls", FinishReason::ToolCalls),
+            ("function_call", FinishReason::ToolCalls),
         ] {
             let chunk = json!({"choices": [{"index": 0, "delta": {}, "finish_reason": wire}]});
             assert_eq!(events(&chunk), vec![ChatEvent::Finish(reason)], "{wire}");
@@ -544,6 +744,12 @@ mod tests {
             Err(ProviderError::Protocol { .. })
         ));
         let ok = read_frame(&http, r#"{"choices":[],"usage":null,"error":null}"#).unwrap();
+        assert_eq!(ok, Frame::Events(vec![]));
+        let ok = read_frame(
+            &http,
+            r#"{"choices":[{"index":0,"delta":{"content":null,"tool_calls":null},"finish_reason":null}]}"#,
+        )
+        .unwrap();
         assert_eq!(ok, Frame::Events(vec![]));
     }
 
@@ -601,9 +807,8 @@ mod tests {
             prop::collection::vec("[A-Za-z0-9+/]{0,12}={0,2}", 0..3),
         )
             .prop_map(|(role, content, images)| Message {
-                role,
-                content,
                 images: images.into_iter().map(Image::png).collect(),
+                ..Message::text(role, content)
             })
     }
 
@@ -621,10 +826,7 @@ mod tests {
                     .filter_map(|p| p["image_url"]["url"].as_str())
                     .map(|url| {
                         let (head, data) = url.split_once(";base64,").unwrap();
-                        Image {
-                            media_type: head.trim_start_matches("data:").to_owned(),
-                            data: data.to_owned(),
-                        }
+                        Image::base64(head.trim_start_matches("data:"), data)
                     })
                     .collect();
                 (text, images)
@@ -640,7 +842,7 @@ mod tests {
             messages in prop::collection::vec(any_message(), 1..8),
         ) {
             let req = ChatRequest { model: model.clone(), messages: messages.clone(), params: ChatParams::default() };
-            let body = chat_body(&req);
+            let body = body(&req);
             prop_assert_eq!(&body["model"], &json!(model));
             prop_assert_eq!(&body["stream"], &json!(true));
             prop_assert_eq!(&body["stream_options"]["include_usage"], &json!(true));

@@ -6,11 +6,7 @@ use super::{ChatParams, ChatRequest, Message, Role};
 
 /// A text-only message.
 pub fn msg(role: Role, content: &str) -> Message {
-    Message {
-        role,
-        content: content.into(),
-        images: vec![],
-    }
+    Message::text(role, content)
 }
 
 /// A chat request for `model`.

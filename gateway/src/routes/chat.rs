@@ -19,10 +19,13 @@ use super::{body_or_error, with_served_by};
 use crate::auth::GatewayKey;
 use crate::error::ApiError;
 use crate::exchange::ChatJob;
+use crate::images::ImageFetcher;
 use crate::nself::sessions::{self, Session};
 use crate::nself::Features;
 use crate::openai::chat::ChatCompletionRequest;
 use crate::openai::parse_body;
+use crate::providers::{Image, Message};
+use crate::router::TierPlan;
 use crate::routes::RequestId;
 use crate::state::AppState;
 
@@ -58,6 +61,38 @@ fn sse_response(frames: tokio::sync::mpsc::Receiver<String>) -> Response {
         .into_response()
 }
 
+/// Remote image URLs fetched and inlined, unless every provider the plan may call fetches
+/// them itself (OpenAI, Anthropic). Fetched once, before the first attempt, so every tier
+/// gets the same bytes; a URL the gateway may not or cannot fetch is the client's 400.
+async fn fetch_images(
+    fetcher: &ImageFetcher,
+    plan: &TierPlan,
+    mut messages: Vec<Message>,
+) -> Result<Vec<Message>, ApiError> {
+    let remote = |m: &Message| m.images.iter().any(|i| matches!(i, Image::Url(_)));
+    let needed = plan
+        .attempts
+        .iter()
+        .any(|a| !a.backend.provider.takes_image_urls());
+    if !needed || !messages.iter().any(remote) {
+        return Ok(messages);
+    }
+    for (index, message) in messages.iter_mut().enumerate() {
+        for image in &mut message.images {
+            let Image::Url(url) = image else { continue };
+            let fetched = fetcher.fetch(url).await.map_err(|err| {
+                tracing::info!(%err, "refused a remote image");
+                ApiError::invalid_request(
+                    err.message(),
+                    Some(format!("messages.[{index}].content")),
+                )
+            })?;
+            *image = Image::base64(fetched.media_type, fetched.data_base64);
+        }
+    }
+    Ok(messages)
+}
+
 pub async fn completions(
     State(state): State<Arc<AppState>>,
     GatewayKey(key): GatewayKey,
@@ -73,6 +108,7 @@ pub async fn completions(
     let session_id = sessions::requested(&headers)?;
     let plan = state.router.chat_plan(&request.model)?;
     let stream = request.is_stream();
+    let messages = fetch_images(&state.images, &plan, messages).await?;
     let (messages, session) = match session_id {
         Some(id) => {
             let budget = state.settings.session_history_chars;

@@ -29,11 +29,7 @@ fn adapter(fake: &FakeAnthropic, key: &str) -> Anthropic {
 }
 
 fn msg(role: Role, content: &str) -> Message {
-    Message {
-        role,
-        content: content.into(),
-        images: vec![],
-    }
+    Message::text(role, content)
 }
 
 fn hello(params: ChatParams) -> ChatRequest {

@@ -34,11 +34,7 @@ fn adapter(fake: &FakeGemini, keys: &[&str], rpm: u32) -> Gemini {
 }
 
 fn msg(role: Role, content: &str) -> Message {
-    Message {
-        role,
-        content: content.into(),
-        images: vec![],
-    }
+    Message::text(role, content)
 }
 
 fn hello(params: ChatParams) -> ChatRequest {
@@ -75,6 +71,7 @@ fn collect(events: &[Result<ChatEvent, ProviderError>]) -> (String, Usage, Optio
                 usage.completion_tokens = u.completion_tokens.or(usage.completion_tokens);
             }
             ChatEvent::Finish(f) => finish = Some(*f),
+            ChatEvent::ToolCall(call) => panic!("unexpected tool call {call:?}"),
         }
     }
     (text, usage, finish)

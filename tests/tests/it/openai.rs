@@ -34,16 +34,8 @@ fn request(model: &str) -> ChatRequest {
     ChatRequest {
         model: model.into(),
         messages: vec![
-            Message {
-                role: Role::System,
-                content: "be brief".into(),
-                images: vec![],
-            },
-            Message {
-                role: Role::User,
-                content: "why is the sky blue?".into(),
-                images: vec![],
-            },
+            Message::text(Role::System, "be brief"),
+            Message::text(Role::User, "why is the sky blue?"),
         ],
         params: ChatParams::default(),
     }
@@ -56,6 +48,7 @@ struct Collected {
     text: String,
     usage: Option<Usage>,
     finish: Option<FinishReason>,
+    calls: Vec<claw_gateway::providers::ToolCallDelta>,
     error: Option<ProviderError>,
 }
 
@@ -67,6 +60,7 @@ async fn collect(openai: &OpenAi, req: &ChatRequest) -> Result<Collected, Provid
             Ok(ChatEvent::Delta(text)) => out.text.push_str(&text),
             Ok(ChatEvent::Usage(usage)) => out.usage = Some(usage),
             Ok(ChatEvent::Finish(reason)) => out.finish = Some(reason),
+            Ok(ChatEvent::ToolCall(call)) => out.calls.push(call),
             Err(err) => {
                 out.error = Some(err);
                 break;
@@ -133,17 +127,12 @@ async fn every_setting_passes_openais_request_schema() {
     let openai = adapter(&fake);
     let mut req = request("gpt-4o-mini");
     req.messages.push(Message {
-        role: Role::User,
-        content: "and this?".into(),
         images: vec![claw_gateway::providers::Image::png(
             "iVBORw0KGgoAAAANSUhEUg==",
         )],
+        ..Message::text(Role::User, "and this?")
     });
-    req.messages.push(Message {
-        role: Role::Assistant,
-        content: String::new(),
-        images: vec![],
-    });
+    req.messages.push(Message::text(Role::Assistant, ""));
     req.params = ChatParams {
         temperature: Some(0.3),
         top_p: Some(0.5),
@@ -153,11 +142,18 @@ async fn every_setting_passes_openais_request_schema() {
         presence_penalty: Some(0.1),
         frequency_penalty: Some(0.2),
         format: Some(claw_gateway::providers::OutputFormat::JsonSchema(
-            json!({"type": "object", "properties": {"a": {"type": "string"}}}),
+            claw_gateway::providers::JsonSchema {
+                name: "answer".into(),
+                description: None,
+                schema: json!({"type": "object", "properties": {"a": {"type": "string"}}}),
+                strict: Some(true),
+            },
         )),
+        ..ChatParams::default()
     };
     let got = collect(&openai, &req).await.unwrap();
-    assert_eq!(got.text, REPLY, "{:?}", got.error);
+    // The fake answers a JSON schema request with an instance of the schema.
+    assert_eq!(got.text, r#"{"a":"text"}"#, "{:?}", got.error);
     let sent = &fake.requests()[0];
     assert_eq!(
         sent["messages"][2]["content"][1]["image_url"]["url"],

@@ -1,0 +1,397 @@
+//! The `:streamGenerateContent` body: system messages become `systemInstruction`, assistant
+//! turns role `model`, tool results role `user` (as `functionResponse` parts named after the
+//! call they answer); consecutive turns of one role share a content (Gemini wants the roles to
+//! alternate), each message's parts staying in order. Tools become `functionDeclarations`
+//! (their schemas converted to what Gemini accepts) and `tool_choice` the
+//! `functionCallingConfig`; OpenAI's settings go in `generationConfig`.
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use super::schema::gemini_schema;
+use crate::providers::tools::{arguments_object, names_by_call_id, result_object};
+use crate::providers::turns::{alternating, system_text, Side};
+use crate::providers::{ChatRequest, Message, OutputFormat, ToolChoice};
+
+/// The request body.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChatBody {
+    contents: Vec<Content>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    system_instruction: Option<SystemInstruction>,
+    #[serde(skip_serializing_if = "GenerationConfig::is_empty")]
+    generation_config: GenerationConfig,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tools: Vec<ToolSet>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_config: Option<ToolConfig>,
+}
+
+#[derive(Debug, Serialize)]
+struct Content {
+    role: &'static str,
+    parts: Vec<Part>,
+}
+
+#[derive(Debug, Serialize)]
+struct SystemInstruction {
+    parts: [Part; 1],
+}
+
+/// One part: Gemini's parts are objects with one key naming their kind.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+enum Part {
+    Text(String),
+    InlineData {
+        #[serde(rename = "mimeType")]
+        mime_type: String,
+        data: String,
+    },
+    FunctionCall {
+        name: String,
+        args: Map<String, Value>,
+    },
+    FunctionResponse {
+        name: String,
+        response: Map<String, Value>,
+    },
+}
+
+#[derive(Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct GenerationConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_output_tokens: Option<u32>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    stop_sequences: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seed: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    presence_penalty: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    frequency_penalty: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_mime_type: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_schema: Option<Value>,
+}
+
+impl GenerationConfig {
+    fn is_empty(&self) -> bool {
+        self.temperature.is_none()
+            && self.top_p.is_none()
+            && self.max_output_tokens.is_none()
+            && self.stop_sequences.is_empty()
+            && self.seed.is_none()
+            && self.presence_penalty.is_none()
+            && self.frequency_penalty.is_none()
+            && self.response_mime_type.is_none()
+    }
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ToolSet {
+    function_declarations: Vec<FunctionDeclaration>,
+}
+
+#[derive(Debug, Serialize)]
+struct FunctionDeclaration {
+    name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    description: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parameters: Option<Value>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ToolConfig {
+    function_calling_config: FunctionCallingConfig,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct FunctionCallingConfig {
+    mode: &'static str,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    allowed_function_names: Vec<String>,
+}
+
+/// The body for `request` (see the module notes).
+pub fn chat_body(request: &ChatRequest) -> ChatBody {
+    let p = &request.params;
+    let tools = if p.tools.is_empty() {
+        Vec::new()
+    } else {
+        vec![ToolSet {
+            function_declarations: p
+                .tools
+                .iter()
+                .map(|t| FunctionDeclaration {
+                    name: t.name.clone(),
+                    description: t.description.clone(),
+                    parameters: t.parameters.as_ref().map(gemini_schema),
+                })
+                .collect(),
+        }]
+    };
+    let tool_config = p
+        .tool_choice
+        .as_ref()
+        .filter(|_| !tools.is_empty())
+        .map(|choice| {
+            let (mode, allowed) = match choice {
+                ToolChoice::None => ("NONE", Vec::new()),
+                ToolChoice::Auto => ("AUTO", Vec::new()),
+                ToolChoice::Required => ("ANY", Vec::new()),
+                ToolChoice::Function(name) => ("ANY", vec![name.clone()]),
+            };
+            ToolConfig {
+                function_calling_config: FunctionCallingConfig {
+                    mode,
+                    allowed_function_names: allowed,
+                },
+            }
+        });
+    let (response_mime_type, response_schema) = match &p.format {
+        None => (None, None),
+        Some(OutputFormat::Json) => (Some("application/json"), None),
+        Some(OutputFormat::JsonSchema(s)) => {
+            (Some("application/json"), Some(gemini_schema(&s.schema)))
+        }
+    };
+    ChatBody {
+        contents: contents(&request.messages),
+        system_instruction: system_text(&request.messages).map(|text| SystemInstruction {
+            parts: [Part::Text(text)],
+        }),
+        generation_config: GenerationConfig {
+            temperature: p.temperature,
+            top_p: p.top_p,
+            max_output_tokens: p.max_tokens,
+            stop_sequences: p.stop.clone(),
+            seed: p.seed,
+            presence_penalty: p.presence_penalty,
+            frequency_penalty: p.frequency_penalty,
+            response_mime_type,
+            response_schema,
+        },
+        tools,
+        tool_config,
+    }
+}
+
+/// The non-system messages as `contents`, same-role neighbours merged.
+fn contents(messages: &[Message]) -> Vec<Content> {
+    let names = names_by_call_id(messages);
+    let parts = |m: &Message| -> Vec<Part> {
+        if let Some(id) = &m.tool_call_id {
+            // The earlier call names the function; a result for an unknown call keeps its id
+            // as the name rather than being lost.
+            let name = names.get(id.as_str()).copied().unwrap_or(id);
+            return vec![Part::FunctionResponse {
+                name: name.to_owned(),
+                response: result_object(&m.content),
+            }];
+        }
+        let mut parts = Vec::with_capacity(1 + m.images.len() + m.tool_calls.len());
+        // Gemini refuses an empty text part (and a content without parts).
+        if !m.content.is_empty() {
+            parts.push(Part::Text(m.content.clone()));
+        }
+        parts.extend(
+            m.images
+                .iter()
+                .filter_map(|i| i.inline())
+                .map(|(mime, data)| Part::InlineData {
+                    mime_type: mime.to_owned(),
+                    data: data.to_owned(),
+                }),
+        );
+        parts.extend(m.tool_calls.iter().map(|c| Part::FunctionCall {
+            name: c.name.clone(),
+            args: arguments_object(&c.arguments),
+        }));
+        parts
+    };
+    alternating(messages, parts)
+        .into_iter()
+        .map(|turn| Content {
+            role: match turn.side {
+                Side::User => "user",
+                Side::Model => "model",
+            },
+            parts: turn.blocks,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::providers::test_support::{chat_request, msg};
+    use crate::providers::{ChatParams, Image, Role};
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    fn request(messages: Vec<Message>, params: ChatParams) -> ChatRequest {
+        chat_request("gemini-1.5-flash", messages, params)
+    }
+
+    fn body_of(request: &ChatRequest) -> Value {
+        serde_json::to_value(super::chat_body(request)).unwrap()
+    }
+
+    fn gemini_role(role: Role) -> &'static str {
+        match Side::of(role) {
+            Some(Side::Model) => "model",
+            _ => "user",
+        }
+    }
+
+    #[test]
+    fn roles_map_to_gemini_and_system_messages_become_the_system_instruction() {
+        let body = body_of(&request(
+            vec![
+                msg(Role::System, "be brief"),
+                msg(Role::User, "hi"),
+                msg(Role::Assistant, "hello"),
+                msg(Role::Tool, "{\"temp\": 21}"),
+                msg(Role::System, "answer in French"),
+                msg(Role::User, "and now?"),
+            ],
+            ChatParams::default(),
+        ));
+        assert_eq!(
+            body["systemInstruction"],
+            json!({"parts": [{"text": "be brief\n\nanswer in French"}]})
+        );
+        assert_eq!(
+            body["contents"],
+            json!([
+                {"role": "user", "parts": [{"text": "hi"}]},
+                {"role": "model", "parts": [{"text": "hello"}]},
+                {"role": "user", "parts": [{"text": "{\"temp\": 21}"}, {"text": "and now?"}]},
+            ])
+        );
+        assert!(body.get("generationConfig").is_none());
+    }
+
+    #[test]
+    fn images_become_inline_data_with_their_mime_type() {
+        let mut m = msg(Role::User, "what is this?");
+        m.images = vec![
+            Image::png("iVBORw0KGgoAAAA"),
+            Image::base64("image/jpeg", "/9j/4AAQ"),
+            Image::base64("image/jpeg", "QUJD"),
+        ];
+        let body = body_of(&request(vec![m], ChatParams::default()));
+        assert_eq!(
+            body["contents"][0]["parts"],
+            json!([
+                {"text": "what is this?"},
+                {"inlineData": {"mimeType": "image/png", "data": "iVBORw0KGgoAAAA"}},
+                {"inlineData": {"mimeType": "image/jpeg", "data": "/9j/4AAQ"}},
+                {"inlineData": {"mimeType": "image/jpeg", "data": "QUJD"}},
+            ])
+        );
+        let mut image_only = msg(Role::User, "");
+        image_only.images = vec![Image::base64("image/gif", "R0lGODlh")];
+        let body = body_of(&request(vec![image_only], ChatParams::default()));
+        assert_eq!(
+            body["contents"][0]["parts"],
+            json!([{"inlineData": {"mimeType": "image/gif", "data": "R0lGODlh"}}])
+        );
+    }
+
+    #[test]
+    fn params_become_generation_config() {
+        let params = ChatParams {
+            temperature: Some(0.2),
+            top_p: Some(0.9),
+            max_tokens: Some(64),
+            stop: vec!["END".into()],
+            seed: Some(7),
+            presence_penalty: Some(0.5),
+            frequency_penalty: Some(-0.5),
+            format: Some(OutputFormat::Json),
+            ..ChatParams::default()
+        };
+        let body = body_of(&request(vec![msg(Role::User, "hi")], params));
+        assert_eq!(
+            body["generationConfig"],
+            json!({"temperature": 0.2, "topP": 0.9, "maxOutputTokens": 64,
+                "stopSequences": ["END"], "seed": 7, "presencePenalty": 0.5,
+                "frequencyPenalty": -0.5, "responseMimeType": "application/json"})
+        );
+    }
+
+    fn arb_role() -> impl Strategy<Value = Role> {
+        prop_oneof![
+            Just(Role::System),
+            Just(Role::User),
+            Just(Role::Assistant),
+            Just(Role::Tool)
+        ]
+    }
+
+    fn arb_message() -> impl Strategy<Value = Message> {
+        (
+            arb_role(),
+            prop_oneof![Just(String::new()), ".{0,40}"],
+            prop::collection::vec("[A-Za-z0-9+/]{4,12}", 0..2),
+        )
+            .prop_map(|(role, content, images)| Message {
+                images: images.into_iter().map(Image::png).collect(),
+                ..Message::text(role, content)
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn translation_keeps_every_text_and_role(messages in prop::collection::vec(arb_message(), 0..12)) {
+            let body = body_of(&request(messages.clone(), ChatParams::default()));
+
+            let system: Vec<&str> = messages.iter()
+                .filter(|m| m.role == Role::System && !m.content.is_empty())
+                .map(|m| m.content.as_str()).collect();
+            let instruction = body.pointer("/systemInstruction/parts/0/text").and_then(Value::as_str);
+            let joined = (!system.is_empty()).then(|| system.join("\n\n"));
+            prop_assert_eq!(instruction, joined.as_deref());
+
+            let expected: Vec<(&str, &str)> = messages.iter()
+                .filter(|m| m.role != Role::System && !m.content.is_empty())
+                .map(|m| (gemini_role(m.role), m.content.as_str())).collect();
+            let contents = body["contents"].as_array().unwrap();
+            let mut texts = Vec::new();
+            let mut images = 0;
+            for (i, content) in contents.iter().enumerate() {
+                let role = content["role"].as_str().unwrap();
+                prop_assert!(role == "user" || role == "model");
+                if i > 0 {
+                    prop_assert_ne!(role, contents[i - 1]["role"].as_str().unwrap());
+                }
+                let parts = content["parts"].as_array().unwrap();
+                prop_assert!(!parts.is_empty());
+                for part in parts {
+                    if let Some(text) = part.get("text") {
+                        texts.push((role, text.as_str().unwrap()));
+                    } else {
+                        images += 1;
+                    }
+                }
+            }
+            prop_assert_eq!(texts, expected);
+            let expected_images: usize = messages.iter()
+                .filter(|m| m.role != Role::System).map(|m| m.images.len()).sum();
+            prop_assert_eq!(images, expected_images);
+        }
+    }
+}
