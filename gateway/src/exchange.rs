@@ -19,7 +19,7 @@ use crate::nself::sessions::Turn;
 use crate::openai::encode::{self, ChunkBody, CompletionIds, TokenUsage};
 use crate::pricing::PriceTable;
 use crate::providers::{
-    ChatEvent, ChatParams, ChatRequest, ChatStream, Embeddings, FinishReason, Message,
+    ChatEvent, ChatParams, ChatRequest, ChatStream, EmbedInput, Embeddings, FinishReason, Message,
     ProviderError, ToolCall, Usage,
 };
 use crate::router::{Attempt, Skip, TierPlan};
@@ -681,7 +681,7 @@ pub struct EmbedJob {
     pub deps: ExchangeDeps,
     pub record: RequestRecord,
     pub plan: TierPlan,
-    pub inputs: Vec<String>,
+    pub inputs: EmbedInput,
 }
 
 /// Embeddings and who made them.
@@ -710,11 +710,11 @@ impl EmbedJob {
         } = self;
         let inputs_ref = &inputs;
         let won = run_plan(&plan, &mut record, client.closed(), |attempt| async move {
-            attempt
-                .backend
-                .provider
-                .embed(&attempt.model, inputs_ref)
-                .await
+            let provider = &attempt.backend.provider;
+            match inputs_ref {
+                EmbedInput::Texts(texts) => provider.embed(&attempt.model, texts).await,
+                EmbedInput::Tokens(tokens) => provider.embed_tokens(&attempt.model, tokens).await,
+            }
         })
         .await;
         let won = match won {
@@ -723,10 +723,22 @@ impl EmbedJob {
                 return Err(account_failure(&deps, &mut record, error, attempted).await)
             }
         };
-        let chars: usize = inputs.iter().map(|i| i.chars().count()).sum();
+        // Token arrays are their own count; texts are estimated when the provider says nothing.
+        let (reported, chars) = match &inputs {
+            EmbedInput::Texts(texts) => (
+                won.value.prompt_tokens,
+                texts.iter().map(|i| i.chars().count()).sum(),
+            ),
+            EmbedInput::Tokens(tokens) => (
+                won.value
+                    .prompt_tokens
+                    .or(u64::try_from(tokens.iter().map(Vec::len).sum::<usize>()).ok()),
+                0,
+            ),
+        };
         let (tokens, tokens_estimated) = settle_tokens(
             Usage {
-                prompt_tokens: won.value.prompt_tokens,
+                prompt_tokens: reported,
                 completion_tokens: Some(0),
             },
             chars,

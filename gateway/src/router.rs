@@ -284,6 +284,21 @@ impl Router {
         }
     }
 
+    /// The plan for token-array inputs: OpenAI's token ids mean something only to OpenAI's
+    /// models, so only the OpenAI tier can take them.
+    pub fn embed_tokens_plan(&self) -> Result<TierPlan, ApiError> {
+        let openai = Self::remote(self.openai.as_ref(), &self.models.openai_embed).ok_or_else(|| {
+            ApiError::invalid_request(
+                "Token-array inputs can only be embedded by the OpenAI tier, which is not configured (OPENAI_API_KEY); send the text instead.",
+                Some("input".into()),
+            )
+        })?;
+        Ok(TierPlan {
+            attempts: vec![openai],
+            forced: false,
+        })
+    }
+
     /// The local tier's embeddings model (the knowledge base ranks with it).
     pub fn local_embedder(&self) -> Embedder {
         Embedder {

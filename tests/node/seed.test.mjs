@@ -1,174 +1,39 @@
 // End-to-end: OpenAI's official Node SDK against a real `nself claw serve`.
 //
 // `before()` starts `fake-upstream ollama`, `fake-upstream openai` and `nself claw serve` as
-// child processes (binaries from $CLAW_BIN_DIR, default <repo>/target/debug), each on a free
-// port with a temporary data dir, and creates a key with the CLI. `after()` stops them all.
+// child processes (binaries from $CLAW_BIN_DIR, default <repo>/target/debug; see harness.mjs),
+// each on a free port with a temporary data dir, and creates a key with the CLI. `after()`
+// stops them all.
 //
 //   cargo build -p nself -p claw-tests
 //   scripts/node-env.sh && (cd tests/node && node --test)
 
-import { spawn, execFile } from "node:child_process";
-import { once } from "node:events";
-import { mkdtempSync, mkdirSync, openSync, closeSync, readFileSync, rmSync, existsSync } from "node:fs";
-import net from "node:net";
-import os from "node:os";
-import path from "node:path";
-import { createInterface } from "node:readline";
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
-import { fileURLToPath } from "node:url";
-import { promisify } from "node:util";
 
 import OpenAI from "openai";
 
-const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..", "..");
-const BIN_DIR = path.resolve(process.env.CLAW_BIN_DIR ?? path.join(REPO, "target", "debug"));
-const SECRET = "node-sdk-test-secret";
+import { Stack, requireBinaries, upstreamEnv } from "./harness.mjs";
+
 const OLLAMA_REPLY = "Hello from the fake Ollama, via the Node SDK test.";
 const OPENAI_REPLY = "Hello from the fake OpenAI, via the Node SDK test.";
-const STARTUP_DEADLINE_MS = 30_000;
-// Provider settings the gateway must not pick up from the caller's shell.
-const HERMETIC_UNSET = [
-  "GEMINI_API_KEYS", "GEMINI_BASE_URL", "GEMINI_MODEL",
-  "OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_MODEL", "OPENAI_EMBED_MODEL",
-  "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "ANTHROPIC_MODEL",
-  "OLLAMA_MODEL", "OLLAMA_EMBED_MODEL", "OLLAMA_MAX_INFLIGHT",
-  "CLAW_KAFKA_BROKERS", "CLAW_DATABASE_URL", "NSELF_CLAW_URL",
-];
 
-const children = [];
-let tmp;
+let stack;
 let url; // the gateway, e.g. http://127.0.0.1:PORT
 let key; // a gateway key made with the CLI
-
-// Last resort if the runner exits without `after()` (e.g. a crash): no orphans.
-process.on("exit", () => {
-  for (const child of children) {
-    if (child.exitCode === null && child.signalCode === null) child.kill("SIGKILL");
-  }
-});
-
-function withDeadline(promise, deadline, what) {
-  let timer;
-  const timeout = new Promise((_, reject) => {
-    timer = setTimeout(
-      () => reject(new Error(`${what}: deadline passed`)),
-      Math.max(0, deadline - Date.now()),
-    );
-  });
-  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
-}
-
-/** A free TCP port on 127.0.0.1. */
-async function freePort() {
-  const server = net.createServer();
-  server.listen(0, "127.0.0.1");
-  await once(server, "listening");
-  const { port } = server.address();
-  server.close();
-  await once(server, "close");
-  return port;
-}
-
-/** Starts `fake-upstream PROVIDER --listen 127.0.0.1:0 ARGS…`; resolves to its URL and key. */
-async function startFake(provider, args, deadline) {
-  const child = spawn(path.join(BIN_DIR, "fake-upstream"),
-    [provider, "--listen", "127.0.0.1:0", ...args],
-    { stdio: ["ignore", "pipe", "inherit"] });
-  children.push(child);
-  const lines = createInterface({ input: child.stdout })[Symbol.asyncIterator]();
-  const nextLine = async () => {
-    const { value, done } = await withDeadline(lines.next(), deadline, `fake-upstream ${provider}`);
-    assert.ok(!done, `fake-upstream ${provider} exited (code ${child.exitCode})`);
-    return value;
-  };
-  const first = await nextLine();
-  assert.match(first, /^listening on /);
-  const fake = { url: first.slice("listening on ".length).trim() };
-  if (provider === "openai" || provider === "anthropic") {
-    const second = await nextLine();
-    assert.match(second, /^api-key /);
-    fake.apiKey = second.slice("api-key ".length).trim();
-  }
-  return fake;
-}
-
-async function waitReady(gateway, child, logPath, deadline) {
-  const log = () => readFileSync(logPath, "utf8").slice(-4000);
-  while (Date.now() < deadline) {
-    if (child.exitCode !== null || child.signalCode !== null) {
-      assert.fail(`gateway exited (${child.exitCode ?? child.signalCode}):\n${log()}`);
-    }
-    try {
-      const r = await fetch(`${gateway}/readyz`, { signal: AbortSignal.timeout(2000) });
-      if (r.status === 200) return;
-    } catch {
-      // not listening yet
-    }
-    await new Promise((resolve) => setTimeout(resolve, 50));
-  }
-  assert.fail(`${gateway}/readyz not 200 within ${STARTUP_DEADLINE_MS} ms:\n${log()}`);
-}
-
-/** `nself claw api --url URL ARGS…`; resolves to its stdout. */
-async function cli(...args) {
-  const { stdout } = await promisify(execFile)(
-    path.join(BIN_DIR, "nself"), ["claw", "api", "--url", url, ...args],
-    { env: { ...process.env, PLUGIN_INTERNAL_SECRET: SECRET }, timeout: 30_000 },
-  );
-  return stdout;
-}
-
-async function stop(child) {
-  if (child.exitCode !== null || child.signalCode !== null) return;
-  const exited = once(child, "exit");
-  child.kill("SIGINT");
-  const timer = setTimeout(() => child.kill("SIGKILL"), 10_000);
-  await exited;
-  clearTimeout(timer);
-}
+let cli; // `nself claw api --url URL ...args`, resolving to its stdout
 
 before(async () => {
-  for (const exe of ["nself", "fake-upstream"]) {
-    assert.ok(existsSync(path.join(BIN_DIR, exe)),
-      `${path.join(BIN_DIR, exe)} missing: run \`cargo build -p nself -p claw-tests\``);
-  }
-  const deadline = Date.now() + STARTUP_DEADLINE_MS;
-  tmp = mkdtempSync(path.join(os.tmpdir(), "claw-node-"));
-  const ollama = await startFake("ollama", ["--reply", OLLAMA_REPLY], deadline);
-  const openai = await startFake("openai", ["--reply", OPENAI_REPLY], deadline);
-
-  const listen = `127.0.0.1:${await freePort()}`;
-  url = `http://${listen}`;
-  const env = { ...process.env };
-  for (const name of HERMETIC_UNSET) delete env[name];
-  Object.assign(env, {
-    CLAW_LISTEN: listen,
-    CLAW_DATA_DIR: path.join(tmp, "data"),
-    PLUGIN_INTERNAL_SECRET: SECRET,
-    OLLAMA_BASE_URL: ollama.url,
-    OPENAI_API_KEY: openai.apiKey,
-    OPENAI_BASE_URL: openai.url,
-    NO_COLOR: "1",
-  });
-  const cwd = path.join(tmp, "cwd"); // no `.env` here
-  mkdirSync(cwd);
-  const logPath = path.join(tmp, "gateway.log");
-  const logFd = openSync(logPath, "w");
-  const gateway = spawn(path.join(BIN_DIR, "nself"), ["claw", "serve"],
-    { env, cwd, stdio: ["ignore", logFd, logFd] });
-  closeSync(logFd);
-  children.push(gateway);
-  await waitReady(url, gateway, logPath, deadline);
-
-  const created = JSON.parse(await cli("keys", "create", "--name", "node", "--json"));
-  assert.match(created.key, /^sk-nself-/);
-  key = created.key;
+  requireBinaries();
+  stack = new Stack("claw-node-");
+  const ollama = await stack.fake("ollama", ["--reply", OLLAMA_REPLY]);
+  const openai = await stack.fake("openai", ["--reply", OPENAI_REPLY]);
+  const gw = await stack.gateway(upstreamEnv({ ollama, openai }), "node");
+  ({ url, key, cli } = gw);
 });
 
 after(async () => {
-  await Promise.all(children.map(stop));
-  if (tmp) rmSync(tmp, { recursive: true, force: true });
+  if (stack) await stack.close();
 });
 
 test("the seed's example: chat completion with model auto", async () => {

@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import httpx
 import pytest
 from openai import OpenAI
 
@@ -32,6 +33,17 @@ HERMETIC_UNSET = (
     "OLLAMA_MODEL", "OLLAMA_EMBED_MODEL", "OLLAMA_MAX_INFLIGHT",
     "CLAW_KAFKA_BROKERS", "CLAW_DATABASE_URL", "NSELF_CLAW_URL",
 )
+
+
+# For each provider, a model name the router sends to that provider alone (no fall-through;
+# gateway/src/router.rs): `local` is Ollama's default model, the others the providers' own.
+PROVIDER_MODELS = {
+    "ollama": "local",
+    "gemini": "gemini-1.5-flash",
+    "openai": "gpt-4o",
+    "anthropic": "claude-3-5-sonnet",
+}
+PROVIDERS = tuple(PROVIDER_MODELS)
 
 
 def free_port() -> int:
@@ -124,6 +136,36 @@ class Fake:
         self.api_key = api_key
 
 
+def upstream_env(fakes: dict[str, "Fake"]) -> dict[str, str]:
+    """The gateway's environment pointing each provider in `fakes` (by name) at its fake."""
+    env: dict[str, str] = {}
+    if "ollama" in fakes:
+        env["OLLAMA_BASE_URL"] = fakes["ollama"].url
+    if "gemini" in fakes:
+        env.update({"GEMINI_API_KEYS": "k1", "GEMINI_BASE_URL": fakes["gemini"].url})
+    if "openai" in fakes:
+        env.update({"OPENAI_API_KEY": fakes["openai"].api_key,
+                    "OPENAI_BASE_URL": fakes["openai"].url})
+    if "anthropic" in fakes:
+        env.update({"ANTHROPIC_API_KEY": fakes["anthropic"].api_key,
+                    "ANTHROPIC_BASE_URL": fakes["anthropic"].url})
+    return env
+
+
+class Routes:
+    """Records which provider answered each response (`x-nself-provider`) of the httpx clients
+    it makes, for clients that hide the HTTP response (`http_client=routes.client()`)."""
+
+    def __init__(self) -> None:
+        self.providers: list[str | None] = []
+
+    def _record(self, response: httpx.Response) -> None:
+        self.providers.append(response.headers.get("x-nself-provider"))
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(timeout=15, event_hooks={"response": [self._record]})
+
+
 class Stack:
     """The subprocesses of one test module; `close()` stops them in reverse order."""
 
@@ -148,6 +190,10 @@ class Stack:
             assert line.startswith("api-key "), line
             api_key = line.removeprefix("api-key ").strip()
         return Fake(url, api_key)
+
+    def fakes(self, *args: str) -> dict[str, Fake]:
+        """Starts one `fake-upstream` of each provider, all with `args`; by provider name."""
+        return {provider: self.fake(provider, *args) for provider in PROVIDERS}
 
     def gateway(self, name: str, env: dict[str, str], key_name: str) -> Gateway:
         """Starts `nself claw serve` with `env` on top of a hermetic environment, waits for

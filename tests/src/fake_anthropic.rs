@@ -15,10 +15,31 @@
 //! must contain non-whitespace; a final assistant turn must not end in whitespace. Responses
 //! carry a `request-id` header.
 //!
+//! Tool use: with [`Behavior::tool_calls`] scripted and `tools` offered, the answer is
+//! `tool_use` blocks (`{"type":"tool_use","id":"toolu_<24 alnum>","name","input":{...}}`,
+//! which calls: see [`crate::fake_server`]) with `stop_reason: "tool_use"`; streamed, each
+//! block is a `content_block_start` carrying the block with `"input": {}`, then
+//! `input_json_delta` deltas (an empty `partial_json` first, then the input's JSON text in
+//! pieces of six characters), then `content_block_stop`. `tool_choice` `auto`, `any`, `none`,
+//! `{"type":"tool","name"}` and `disable_parallel_tool_use` are honoured. A conversation
+//! ending in a user turn of `tool_result` blocks is answered `Tool results: <each result's
+//! text>; ...`. Anthropic's checks are copied: tool names match `^[a-zA-Z0-9_-]{1,128}$` and
+//! are unique, `input_schema` is required and of type `object`, `tool_choice` needs `tools`;
+//! `tool_use` blocks (id `^[a-zA-Z0-9_-]+$`, `input` an object) only in assistant messages and
+//! `tool_result` blocks (`tool_use_id`, `content` a string or text/image blocks, `is_error` a
+//! boolean) only in user messages; every `tool_use` needs a `tool_result` at the start of the
+//! next turn and every `tool_result` a `tool_use` in the turn before (Anthropic's wording);
+//! consecutive messages of one role count as one turn, as Anthropic combines them. Tool
+//! inputs and results count toward `input_tokens`. Anthropic has no JSON mode: structured
+//! output is a forced tool.
+//!
 //! Behaviour is adjustable at runtime through [`FakeAnthropic::set_behavior`], and every
 //! request to `/v1/messages` is recorded (headers and body) for assertions.
 
-use crate::fake_server::{any_local_port, bind, pieces, streamed_body, to_u64, Script, Serving};
+use crate::fake_server::{
+    alnum, any_local_port, bind, fragments, pieces, streamed_body, to_u64, tool_call_tokens,
+    tool_results_reply, trailing_run, Script, Serving, ToolAsk, ToolPlan,
+};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -61,6 +82,9 @@ pub struct Behavior {
     /// Streams only: after [`DELTAS_BEFORE_ERROR`] deltas, send an `error` event
     /// (`overloaded_error`) and end the stream, as Anthropic does when it overloads mid-answer.
     pub error_mid_stream: bool,
+    /// Calls to answer with when a request offers tools: those it offers (see the module
+    /// docs).
+    pub tool_calls: Vec<ToolPlan>,
 }
 
 impl Default for Behavior {
@@ -78,6 +102,7 @@ impl Default for Behavior {
             fail_status: None,
             retry_after_secs: 7,
             error_mid_stream: false,
+            tool_calls: Vec::new(),
         }
     }
 }
@@ -237,44 +262,297 @@ fn header_refusal(headers: &HeaderMap, b: &Behavior, request_id: &str) -> Option
     }
 }
 
-/// The text of a `content` field (a string or blocks), or why it is refused.
-fn content_text(content: &Value, at: &str) -> Result<String, String> {
-    match content {
+/// A text or image block (in a message, or in a `tool_result`'s content): its text, or why
+/// it is refused.
+fn plain_block(block: &Value, at: &str) -> Result<String, String> {
+    match block["type"].as_str() {
+        Some("text") => match block["text"].as_str() {
+            Some(t) if t.trim().is_empty() => {
+                Err("messages: text content blocks must be non-empty".into())
+            }
+            Some(t) => Ok(t.to_owned()),
+            None => Err(format!("{at}.text: Field required")),
+        },
+        Some("image") => {
+            let source = &block["source"];
+            let media_ok = matches!(
+                source["media_type"].as_str(),
+                Some("image/jpeg" | "image/png" | "image/gif" | "image/webp")
+            );
+            if source["type"] != "base64" || !media_ok || !source["data"].is_string() {
+                return Err(format!("{at}.image.source: invalid"));
+            }
+            Ok(String::new())
+        }
+        _ => Err(format!("{at}: Input tag is not a valid type")),
+    }
+}
+
+/// A `tool_use` block's id, or why the block is refused.
+fn read_tool_use(block: &Value, at: &str) -> Result<String, String> {
+    let id = block["id"]
+        .as_str()
+        .ok_or_else(|| format!("{at}.tool_use.id: Field required"))?;
+    if id.is_empty()
+        || !id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(format!(
+            "{at}.tool_use.id: String should match pattern '^[a-zA-Z0-9_-]+$'"
+        ));
+    }
+    if !block["name"].is_string() {
+        return Err(format!("{at}.tool_use.name: Field required"));
+    }
+    match block.get("input") {
+        None => Err(format!("{at}.tool_use.input: Field required")),
+        Some(input) if !input.is_object() => Err(format!(
+            "{at}.tool_use.input: Input should be a valid dictionary"
+        )),
+        Some(_) => Ok(id.to_owned()),
+    }
+}
+
+/// A `tool_result` block's `tool_use_id` and text, or why the block is refused.
+fn read_tool_result(block: &Value, at: &str) -> Result<(String, String), String> {
+    let id = block["tool_use_id"]
+        .as_str()
+        .ok_or_else(|| format!("{at}.tool_result.tool_use_id: Field required"))?;
+    let text = match &block["content"] {
+        Value::Null => String::new(),
+        Value::String(s) => s.clone(),
+        Value::Array(blocks) => blocks
+            .iter()
+            .enumerate()
+            .map(|(i, b)| plain_block(b, &format!("{at}.tool_result.content.{i}")))
+            .collect::<Result<String, String>>()?,
+        _ => {
+            return Err(format!(
+                "{at}.tool_result.content: Input should be a valid list"
+            ))
+        }
+    };
+    if block.get("is_error").is_some_and(|e| !e.is_boolean()) {
+        return Err(format!(
+            "{at}.tool_result.is_error: Input should be a valid boolean"
+        ));
+    }
+    Ok((id.to_owned(), text))
+}
+
+/// What a message's (or the system prompt's) content holds.
+#[derive(Default)]
+struct Content {
+    /// Its text blocks, concatenated.
+    text: String,
+    /// Characters toward the input token estimate: text, tool calls and tool results.
+    chars: usize,
+    /// The ids of its `tool_use` blocks.
+    tool_uses: Vec<String>,
+    /// Its `tool_result` blocks: block index, `tool_use_id`, text.
+    tool_results: Vec<(usize, String, String)>,
+    /// Per block, whether it is a `tool_result`.
+    result_blocks: Vec<bool>,
+}
+
+/// Reads a `content` field (a string or blocks) of a message with `role` (`None`: the system
+/// prompt), or says why it is refused.
+fn read_content(content: &Value, at: &str, role: Option<&str>) -> Result<Content, String> {
+    let blocks = match content {
         Value::String(s) if s.trim().is_empty() => {
-            Err("messages: text content blocks must be non-empty".into())
+            return Err("messages: text content blocks must be non-empty".into())
         }
-        Value::String(s) => Ok(s.clone()),
+        Value::String(s) => {
+            return Ok(Content {
+                text: s.clone(),
+                chars: s.chars().count(),
+                ..Content::default()
+            })
+        }
         Value::Array(blocks) if blocks.is_empty() => {
-            Err(format!("{at}.content: List should have at least 1 item"))
+            return Err(format!("{at}.content: List should have at least 1 item"))
         }
-        Value::Array(blocks) => {
-            let mut text = String::new();
-            for (i, block) in blocks.iter().enumerate() {
-                match block["type"].as_str() {
-                    Some("text") => match block["text"].as_str() {
-                        Some(t) if t.trim().is_empty() => {
-                            return Err("messages: text content blocks must be non-empty".into())
-                        }
-                        Some(t) => text.push_str(t),
-                        None => return Err(format!("{at}.content.{i}.text: Field required")),
-                    },
-                    Some("image") => {
-                        let source = &block["source"];
-                        let media_ok = matches!(
-                            source["media_type"].as_str(),
-                            Some("image/jpeg" | "image/png" | "image/gif" | "image/webp")
-                        );
-                        if source["type"] != "base64" || !media_ok || !source["data"].is_string() {
-                            return Err(format!("{at}.content.{i}.image.source: invalid"));
-                        }
+        Value::Array(blocks) => blocks,
+        _ => return Err(format!("{at}.content: Input should be a valid list")),
+    };
+    let mut content = Content::default();
+    for (i, block) in blocks.iter().enumerate() {
+        let at = format!("{at}.content.{i}");
+        let kind = block["type"].as_str();
+        content.result_blocks.push(kind == Some("tool_result"));
+        match kind {
+            Some("tool_use") => {
+                if role != Some("assistant") {
+                    return Err(format!(
+                        "{at}: `tool_use` blocks can only be in `assistant` messages"
+                    ));
+                }
+                content.tool_uses.push(read_tool_use(block, &at)?);
+                content.chars += block["name"].as_str().map_or(0, |n| n.chars().count())
+                    + block["input"].to_string().chars().count();
+            }
+            Some("tool_result") => {
+                if role != Some("user") {
+                    return Err(format!(
+                        "{at}: `tool_result` blocks can only be in `user` messages"
+                    ));
+                }
+                let (id, text) = read_tool_result(block, &at)?;
+                content.chars += text.chars().count();
+                content.tool_results.push((i, id, text));
+            }
+            _ => content.text.push_str(&plain_block(block, &at)?),
+        }
+    }
+    content.chars += content.text.chars().count();
+    Ok(content)
+}
+
+/// Checks that each `tool_use` is answered by a `tool_result` at the start of the next turn
+/// and each `tool_result` answers a `tool_use` of the turn before, with Anthropic's words.
+/// Consecutive messages of one role are one turn, as Anthropic combines them.
+fn check_tool_pairs(roles: &[&str], contents: &[Content]) -> Result<(), String> {
+    let mut turns: Vec<(&str, Vec<usize>)> = Vec::new();
+    for (i, role) in roles.iter().enumerate() {
+        match turns.last_mut() {
+            Some((r, members)) if r == role => members.push(i),
+            _ => turns.push((role, vec![i])),
+        }
+    }
+    let uses = |members: &[usize]| -> Vec<(usize, String)> {
+        members
+            .iter()
+            .flat_map(|&m| contents[m].tool_uses.iter().map(move |id| (m, id.clone())))
+            .collect()
+    };
+    for (t, (role, members)) in turns.iter().enumerate() {
+        if *role == "user" {
+            let before = t
+                .checked_sub(1)
+                .map(|p| uses(&turns[p].1))
+                .unwrap_or_default();
+            for &m in members {
+                for (k, id, _) in &contents[m].tool_results {
+                    if !before.iter().any(|(_, u)| u == id) {
+                        return Err(format!("messages.{m}.content.{k}: unexpected `tool_use_id` found in `tool_result` blocks: {id}. Each `tool_result` block must have a corresponding `tool_use` block in the previous message."));
                     }
-                    _ => return Err(format!("{at}.content.{i}: Input tag is not a valid type")),
                 }
             }
-            Ok(text)
+            continue;
         }
-        _ => Err(format!("{at}.content: Input should be a valid list")),
+        let asked = uses(members);
+        if asked.is_empty() {
+            continue;
+        }
+        let next: &[usize] = turns.get(t + 1).map_or(&[], |(_, n)| n.as_slice());
+        let answered: Vec<&String> = next
+            .iter()
+            .flat_map(|&n| contents[n].tool_results.iter().map(|(_, id, _)| id))
+            .collect();
+        let missing: Vec<&(usize, String)> = asked
+            .iter()
+            .filter(|(_, id)| !answered.contains(&id))
+            .collect();
+        if let Some((at, _)) = missing.first() {
+            let ids: Vec<&str> = missing.iter().map(|(_, id)| id.as_str()).collect();
+            return Err(format!("messages.{at}: `tool_use` ids were found without `tool_result` blocks immediately after: {}. Each `tool_use` block must have a corresponding `tool_result` block in the next message.", ids.join(", ")));
+        }
+        let leading = next
+            .iter()
+            .flat_map(|&n| &contents[n].result_blocks)
+            .take_while(|is_result| **is_result)
+            .count();
+        if leading < asked.len() {
+            return Err(format!("messages.{}: Did not find {} `tool_result` block(s) at the beginning of this message. Messages following `tool_use` blocks must begin with a matching number of `tool_result` blocks.", next[0], asked.len()));
+        }
     }
+    Ok(())
+}
+
+/// Checks `tools` and `tool_choice` the way Anthropic does, and reads what they allow.
+/// Server tools (a `type` other than `custom`) are accepted but never called.
+fn read_tools(req: &Value) -> Result<ToolAsk, String> {
+    let tools = match req.get("tools") {
+        None => &[][..],
+        Some(Value::Array(tools)) => tools.as_slice(),
+        Some(_) => return Err("tools: Input should be a valid list".into()),
+    };
+    let mut names: Vec<String> = Vec::new();
+    for (i, tool) in tools.iter().enumerate() {
+        if tool.get("type").is_some_and(|t| t != "custom") {
+            continue;
+        }
+        let at = format!("tools.{i}.custom");
+        let name = tool["name"]
+            .as_str()
+            .ok_or_else(|| format!("{at}.name: Field required"))?;
+        let name_ok = (1..=128).contains(&name.chars().count())
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !name_ok {
+            return Err(format!(
+                "{at}.name: String should match pattern '^[a-zA-Z0-9_-]{{1,128}}$'"
+            ));
+        }
+        match tool.get("input_schema") {
+            None => return Err(format!("{at}.input_schema: Field required")),
+            Some(schema) if schema["type"] != "object" => {
+                return Err(format!("{at}.input_schema.type: Input should be 'object'"))
+            }
+            Some(_) => {}
+        }
+        if names.iter().any(|n| n == name) {
+            return Err("tools: Tool names must be unique.".into());
+        }
+        names.push(name.to_owned());
+    }
+    let mut ask = ToolAsk {
+        callable: names,
+        ..ToolAsk::default()
+    };
+    let Some(choice) = req.get("tool_choice") else {
+        return Ok(ask);
+    };
+    if tools.is_empty() {
+        return Err("tool_choice: tool_choice may only be specified while providing tools.".into());
+    }
+    let kind = choice["type"].as_str().unwrap_or_default();
+    match kind {
+        "auto" => {}
+        "none" => ask.disabled = true,
+        "any" => ask.required = true,
+        "tool" => {
+            let name = choice["name"]
+                .as_str()
+                .ok_or("tool_choice.tool.name: Field required")?;
+            ask.callable = vec![name.to_owned()];
+            ask.required = true;
+        }
+        other => {
+            return Err(format!("tool_choice: Input tag '{other}' found using 'type' does not match any of the expected tags: 'auto', 'any', 'tool', 'none'"))
+        }
+    }
+    match choice.get("disable_parallel_tool_use") {
+        None => {}
+        Some(_) if kind == "none" => {
+            return Err(
+                "tool_choice.none.disable_parallel_tool_use: Extra inputs are not permitted".into(),
+            )
+        }
+        Some(Value::Bool(single)) => ask.single = *single,
+        Some(_) => {
+            return Err(format!(
+                "tool_choice.{kind}.disable_parallel_tool_use: Input should be a valid boolean"
+            ))
+        }
+    }
+    if ask.callable.is_empty() {
+        // Only server tools: nothing the fake can call.
+        return Ok(ToolAsk::default());
+    }
+    Ok(ask)
 }
 
 /// What a valid request asks for.
@@ -285,6 +563,10 @@ struct Ask {
     stop_sequences: Vec<String>,
     /// Characters of system and message text, for the input token estimate.
     prompt_chars: usize,
+    /// The tool calls it allows.
+    tools: ToolAsk,
+    /// When the conversation ends in a user turn of tool results: their texts, in order.
+    tool_results: Vec<String>,
 }
 
 /// Checks a `/v1/messages` body the way Anthropic does.
@@ -311,24 +593,36 @@ fn validate(req: &Value) -> Result<Ask, String> {
         return Err("messages: at least one message is required".into());
     }
     let mut prompt_chars = 0;
+    let mut roles = Vec::with_capacity(messages.len());
+    let mut contents = Vec::with_capacity(messages.len());
     for (i, m) in messages.iter().enumerate() {
         let at = format!("messages.{i}");
         let role = m["role"].as_str().unwrap_or_default();
         if role != "user" && role != "assistant" {
             return Err(format!("{at}.role: Input should be 'user' or 'assistant'"));
         }
-        let text = content_text(&m["content"], &at)?;
+        let content = read_content(&m["content"], &at, Some(role))?;
+        let text = &content.text;
         if role == "assistant" && i + 1 == messages.len() && text.trim_end() != text {
             return Err(
                 "messages: final assistant content cannot end with trailing whitespace".into(),
             );
         }
-        prompt_chars += text.chars().count();
+        prompt_chars += content.chars;
+        roles.push(role);
+        contents.push(content);
     }
+    check_tool_pairs(&roles, &contents)?;
+    let last_turn = roles.len() - trailing_run(&roles, |role| *role == "user").len();
+    let tool_results: Vec<String> = contents[last_turn..]
+        .iter()
+        .flat_map(|c| c.tool_results.iter().map(|(_, _, text)| text.clone()))
+        .collect();
+    let tools = read_tools(req)?;
     match &req["system"] {
         Value::Null => {}
         Value::String(s) => prompt_chars += s.chars().count(),
-        Value::Array(_) => prompt_chars += content_text(&req["system"], "system")?.len(),
+        Value::Array(_) => prompt_chars += read_content(&req["system"], "system", None)?.chars,
         _ => return Err("system: Input should be a valid string".into()),
     }
     if let Some(t) = req.get("temperature") {
@@ -363,10 +657,12 @@ fn validate(req: &Value) -> Result<Ask, String> {
         stream,
         stop_sequences,
         prompt_chars,
+        tools,
+        tool_results,
     })
 }
 
-/// The answer to `ask`: its pieces, stop reason and matched stop sequence.
+/// The text answer to `ask`: its pieces, stop reason and matched stop sequence.
 fn answer(reply: &str, ask: &Ask) -> (Vec<String>, &'static str, Option<String>) {
     let mut text = reply;
     let mut stop_reason = "end_turn";
@@ -389,6 +685,55 @@ fn answer(reply: &str, ask: &Ask) -> (Vec<String>, &'static str, Option<String>)
         matched = None;
     }
     (parts, stop_reason, matched)
+}
+
+/// The reply to a valid request: tool calls when the request allows those scripted, else
+/// text (quoting the tool results when the conversation ends in them).
+fn plan_reply(shared: &Shared, b: &Behavior, ask: Ask) -> Reply {
+    let calls = if ask.tool_results.is_empty() {
+        ask.tools.calls(&b.tool_calls)
+    } else {
+        Vec::new()
+    };
+    let input_tokens = to_u64((ask.prompt_chars / 4).max(1));
+    let id = shared.next_id("msg");
+    if !calls.is_empty() {
+        let blocks = calls
+            .iter()
+            .map(|call| Block::ToolUse {
+                id: format!(
+                    "toolu_{}",
+                    alnum(shared.ids.fetch_add(1, Ordering::SeqCst), 24)
+                ),
+                name: call.name.clone(),
+                input: call.arguments.clone(),
+            })
+            .collect();
+        return Reply {
+            id,
+            model: ask.model,
+            blocks,
+            stop_reason: "tool_use",
+            stop_sequence: None,
+            input_tokens,
+            output_tokens: tool_call_tokens(&calls),
+        };
+    }
+    let text = if ask.tool_results.is_empty() {
+        b.reply.clone()
+    } else {
+        tool_results_reply(&ask.tool_results)
+    };
+    let (parts, stop_reason, stop_sequence) = answer(&text, &ask);
+    Reply {
+        id,
+        model: ask.model,
+        output_tokens: to_u64(parts.len()),
+        blocks: vec![Block::Text(parts)],
+        stop_reason,
+        stop_sequence,
+        input_tokens,
+    }
 }
 
 async fn messages(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
@@ -425,21 +770,13 @@ async fn messages(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: B
             &request_id,
         );
     }
-    let (parts, stop_reason, stop_sequence) = answer(&b.reply, &ask);
-    let reply = Reply {
-        id: shared.next_id("msg"),
-        input_tokens: to_u64((ask.prompt_chars / 4).max(1)),
-        output_tokens: to_u64(parts.len()),
-        model: ask.model,
-        parts,
-        stop_reason,
-        stop_sequence,
-    };
-    if ask.stream {
+    let stream = ask.stream;
+    let reply = plan_reply(&shared, &b, ask);
+    if stream {
         streamed(reply, &b, request_id)
     } else {
-        tokio::time::sleep(b.chunk_delay * u32::try_from(reply.parts.len()).unwrap_or(u32::MAX))
-            .await;
+        let deltas: usize = reply.blocks.iter().map(|block| block.deltas().len()).sum();
+        tokio::time::sleep(b.chunk_delay * u32::try_from(deltas).unwrap_or(u32::MAX)).await;
         whole(&reply, request_id)
     }
 }
@@ -460,11 +797,60 @@ fn injected_failure(code: u16, b: &Behavior, request_id: &str) -> Response {
     resp
 }
 
+/// A content block of an answer.
+enum Block {
+    /// Text, in word pieces (one per delta).
+    Text(Vec<String>),
+    /// A tool call.
+    ToolUse {
+        id: String,
+        name: String,
+        input: Value,
+    },
+}
+
+impl Block {
+    /// The block in a whole `message`.
+    fn whole(&self) -> Value {
+        match self {
+            Block::Text(parts) => json!({"type": "text", "text": parts.concat()}),
+            Block::ToolUse { id, name, input } => {
+                json!({"type": "tool_use", "id": id, "name": name, "input": input})
+            }
+        }
+    }
+
+    /// The `content_block` of its `content_block_start` event.
+    fn start(&self) -> Value {
+        match self {
+            Block::Text(_) => json!({"type": "text", "text": ""}),
+            Block::ToolUse { id, name, .. } => {
+                json!({"type": "tool_use", "id": id, "name": name, "input": {}})
+            }
+        }
+    }
+
+    /// The `delta`s of its `content_block_delta` events: text pieces, or the input's JSON
+    /// text in fragments after an empty one, as Anthropic streams it.
+    fn deltas(&self) -> Vec<Value> {
+        match self {
+            Block::Text(parts) => parts
+                .iter()
+                .map(|part| json!({"type": "text_delta", "text": part}))
+                .collect(),
+            Block::ToolUse { input, .. } => std::iter::once(String::new())
+                .chain(fragments(&input.to_string()))
+                .map(|partial| json!({"type": "input_json_delta", "partial_json": partial}))
+                .collect(),
+        }
+    }
+}
+
 /// An answer, ready to send whole or streamed.
 struct Reply {
     id: String,
     model: String,
-    parts: Vec<String>,
+    blocks: Vec<Block>,
     stop_reason: &'static str,
     stop_sequence: Option<String>,
     input_tokens: u64,
@@ -473,61 +859,70 @@ struct Reply {
 
 /// The answer as one `message` object.
 fn whole(reply: &Reply, request_id: String) -> Response {
+    let content: Vec<Value> = reply.blocks.iter().map(Block::whole).collect();
     let body = json!({"id": reply.id, "type": "message", "role": "assistant",
-        "content": [{"type": "text", "text": reply.parts.concat()}], "model": reply.model,
+        "content": content, "model": reply.model,
         "stop_reason": reply.stop_reason, "stop_sequence": reply.stop_sequence,
         "usage": {"input_tokens": reply.input_tokens, "output_tokens": reply.output_tokens}});
     ([("request-id", request_id)], Json(body)).into_response()
 }
 
-/// The answer as Anthropic's event stream.
+/// The answer as Anthropic's event stream: `message_start`; per block a
+/// `content_block_start` (the first followed by a `ping`), its deltas and a
+/// `content_block_stop`; `message_delta`; `message_stop`.
 fn streamed(reply: Reply, b: &Behavior, request_id: String) -> Response {
     let (chunk_delay, error_mid_stream) = (b.chunk_delay, b.error_mid_stream);
     let (tx, stream) = streamed_body();
     tokio::spawn(async move {
         let frame =
             |name: &str, data: &Value| Ok(Bytes::from(format!("event: {name}\ndata: {data}\n\n")));
+        let overloaded = json!({"type": "error",
+            "error": {"type": "overloaded_error", "message": "Overloaded"}});
         let start = json!({"type": "message_start", "message": {"id": reply.id,
             "type": "message", "role": "assistant", "content": [], "model": reply.model,
             "stop_reason": null, "stop_sequence": null,
             "usage": {"input_tokens": reply.input_tokens, "output_tokens": 1}}});
-        let opening = [
-            ("message_start", start),
-            (
-                "content_block_start",
-                json!({"type": "content_block_start", "index": 0,
-                    "content_block": {"type": "text", "text": ""}}),
-            ),
-            ("ping", json!({"type": "ping"})),
-        ];
-        for (name, data) in &opening {
-            if tx.send(frame(name, data)).await.is_err() {
-                return;
-            }
-        }
-        for (i, part) in reply.parts.iter().enumerate() {
-            if error_mid_stream && i == DELTAS_BEFORE_ERROR {
-                break;
-            }
-            tokio::time::sleep(chunk_delay).await;
-            let delta = json!({"type": "content_block_delta", "index": 0,
-                "delta": {"type": "text_delta", "text": part}});
-            if tx.send(frame("content_block_delta", &delta)).await.is_err() {
-                return;
-            }
-        }
-        if error_mid_stream {
-            let err = json!({"type": "error",
-                "error": {"type": "overloaded_error", "message": "Overloaded"}});
-            let _ = tx.send(frame("error", &err)).await;
+        if tx.send(frame("message_start", &start)).await.is_err() {
             return;
         }
-        tokio::time::sleep(chunk_delay).await;
+        let mut sent_deltas = 0;
+        for (index, block) in reply.blocks.iter().enumerate() {
+            let begin = json!({"type": "content_block_start", "index": index,
+                "content_block": block.start()});
+            if tx.send(frame("content_block_start", &begin)).await.is_err() {
+                return;
+            }
+            if index == 0
+                && tx
+                    .send(frame("ping", &json!({"type": "ping"})))
+                    .await
+                    .is_err()
+            {
+                return;
+            }
+            for delta in block.deltas() {
+                if error_mid_stream && sent_deltas == DELTAS_BEFORE_ERROR {
+                    let _ = tx.send(frame("error", &overloaded)).await;
+                    return;
+                }
+                tokio::time::sleep(chunk_delay).await;
+                let event = json!({"type": "content_block_delta", "index": index, "delta": delta});
+                if tx.send(frame("content_block_delta", &event)).await.is_err() {
+                    return;
+                }
+                sent_deltas += 1;
+            }
+            if error_mid_stream && index + 1 == reply.blocks.len() {
+                let _ = tx.send(frame("error", &overloaded)).await;
+                return;
+            }
+            tokio::time::sleep(chunk_delay).await;
+            let stop = json!({"type": "content_block_stop", "index": index});
+            if tx.send(frame("content_block_stop", &stop)).await.is_err() {
+                return;
+            }
+        }
         let closing = [
-            (
-                "content_block_stop",
-                json!({"type": "content_block_stop", "index": 0}),
-            ),
             (
                 "message_delta",
                 json!({"type": "message_delta",
@@ -790,6 +1185,256 @@ mod tests {
             {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}},
             {"type": "text", "text": "what is it?"}]}]);
         assert_eq!(post(&fake, &image).await.status(), 200);
+    }
+
+    fn tool(name: &str) -> Value {
+        json!({"name": name, "description": "d",
+            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}})
+    }
+
+    /// A fake scripted to call `get_weather` then `get_time`.
+    async fn tool_fake() -> FakeAnthropic {
+        let fake = FakeAnthropic::start().await;
+        fake.set_behavior(Behavior {
+            tool_calls: vec![
+                ToolPlan::new("get_weather", json!({"city": "Paris"})),
+                ToolPlan::new("get_time", json!({"zone": "CET"})),
+            ],
+            ..Behavior::default()
+        });
+        fake
+    }
+
+    fn tool_body(tools: &[&str], stream: bool) -> Value {
+        let mut body = hello(stream);
+        body["tools"] = tools.iter().map(|t| tool(t)).collect();
+        body
+    }
+
+    /// `(name, input)` of a whole answer's `tool_use` blocks, checking their shape.
+    fn uses_of(v: &Value) -> Vec<(String, Value)> {
+        assert_eq!(v["stop_reason"], "tool_use", "{v}");
+        v["content"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|block| {
+                assert_eq!(block["type"], "tool_use");
+                let tail = block["id"]
+                    .as_str()
+                    .unwrap()
+                    .strip_prefix("toolu_")
+                    .unwrap();
+                assert!(tail.len() == 24 && tail.chars().all(|c| c.is_ascii_alphanumeric()));
+                assert_eq!(block.as_object().unwrap().len(), 4, "{block}");
+                (
+                    block["name"].as_str().unwrap().to_owned(),
+                    block["input"].clone(),
+                )
+            })
+            .collect()
+    }
+
+    async fn json_of(fake: &FakeAnthropic, body: &Value) -> Value {
+        let resp = post(fake, body).await;
+        assert_eq!(resp.status(), 200);
+        resp.json().await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn offered_tools_are_used_in_a_whole_message() {
+        let fake = tool_fake().await;
+        let v = json_of(&fake, &tool_body(&["get_weather"], false)).await;
+        assert_eq!(
+            uses_of(&v),
+            [("get_weather".to_owned(), json!({"city": "Paris"}))]
+        );
+        assert_eq!(v["usage"]["output_tokens"], 3);
+
+        let mut body = tool_body(&["get_time", "get_weather"], false);
+        let names = |v: &Value| -> Vec<String> { uses_of(v).into_iter().map(|u| u.0).collect() };
+        assert_eq!(
+            names(&json_of(&fake, &body).await),
+            ["get_weather", "get_time"]
+        );
+        body["tool_choice"] = json!({"type": "auto", "disable_parallel_tool_use": true});
+        assert_eq!(names(&json_of(&fake, &body).await), ["get_weather"]);
+        body["tool_choice"] = json!({"type": "tool", "name": "get_time"});
+        assert_eq!(names(&json_of(&fake, &body).await), ["get_time"]);
+        body["tool_choice"] = json!({"type": "none"});
+        let v = json_of(&fake, &body).await;
+        assert_eq!(v["content"][0]["text"], "Hello from the fake Anthropic.");
+        assert_eq!(v["stop_reason"], "end_turn");
+
+        // `any` with nothing scripted for the offered tool: called with `{}`.
+        let mut body = tool_body(&["lookup"], false);
+        body["tool_choice"] = json!({"type": "any"});
+        assert_eq!(
+            uses_of(&json_of(&fake, &body).await),
+            [("lookup".to_owned(), json!({}))]
+        );
+        body.as_object_mut().unwrap().remove("tool_choice");
+        assert_eq!(json_of(&fake, &body).await["stop_reason"], "end_turn");
+    }
+
+    #[tokio::test]
+    async fn tool_use_streams_as_anthropic_streams_it() {
+        let fake = tool_fake().await;
+        let resp = post(&fake, &tool_body(&["get_weather", "get_time"], true)).await;
+        assert_eq!(resp.status(), 200);
+        let events = events(&resp.text().await.unwrap());
+        let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+        let mut expected = vec!["message_start", "content_block_start", "ping"];
+        expected.extend(["content_block_delta"; 4]);
+        expected.extend(["content_block_stop", "content_block_start"]);
+        expected.extend(["content_block_delta"; 4]);
+        expected.extend(["content_block_stop", "message_delta", "message_stop"]);
+        assert_eq!(names, expected);
+        let block = &events[1].1["content_block"];
+        let id = block["id"].as_str().unwrap();
+        assert!(id.starts_with("toolu_"));
+        assert_eq!(
+            events[1].1,
+            json!({"type": "content_block_start", "index": 0, "content_block":
+                {"type": "tool_use", "id": id, "name": "get_weather", "input": {}}})
+        );
+        assert_eq!(
+            events[3].1,
+            json!({"type": "content_block_delta", "index": 0,
+                "delta": {"type": "input_json_delta", "partial_json": ""}})
+        );
+        let input = |index: u64| -> String {
+            events
+                .iter()
+                .filter(|(n, d)| n == "content_block_delta" && d["index"] == index)
+                .map(|(_, d)| d["delta"]["partial_json"].as_str().unwrap())
+                .collect()
+        };
+        assert_eq!(input(0), r#"{"city":"Paris"}"#);
+        assert_eq!(input(1), r#"{"zone":"CET"}"#);
+        assert_eq!(events[8].1["content_block"]["name"], "get_time");
+        assert_eq!(events[8].1["index"], 1);
+        let delta = &events[events.len() - 2].1;
+        assert_eq!(delta["delta"]["stop_reason"], "tool_use");
+        assert_eq!(delta["usage"]["output_tokens"], 6);
+    }
+
+    /// The conversation after the assistant used `get_weather` (`toolu_1`) and `get_time`
+    /// (`toolu_2`) and both results came back.
+    fn after_tools() -> Value {
+        let mut body = tool_body(&["get_weather", "get_time"], false);
+        let messages = body["messages"].as_array_mut().unwrap();
+        messages.push(json!({"role": "assistant", "content": [
+            {"type": "text", "text": "Let me look."},
+            {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}},
+            {"type": "tool_use", "id": "toolu_2", "name": "get_time", "input": {}}]}));
+        messages.push(json!({"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "toolu_1", "content": "22 C"},
+            {"type": "tool_result", "tool_use_id": "toolu_2", "is_error": false,
+                "content": [{"type": "text", "text": "no"}, {"type": "text", "text": "on"}]}]}));
+        body
+    }
+
+    #[tokio::test]
+    async fn after_tool_results_the_answer_is_text_quoting_them() {
+        let fake = tool_fake().await;
+        let v = json_of(&fake, &after_tools()).await;
+        assert_eq!(
+            v["content"],
+            json!([{"type": "text", "text": "Tool results: 22 C; noon"}])
+        );
+        assert_eq!(v["stop_reason"], "end_turn");
+        // Tool results in two consecutive user messages form one turn, as Anthropic combines
+        // them.
+        let mut split = after_tools();
+        let results = split["messages"][2]["content"].as_array().unwrap().clone();
+        let messages = split["messages"].as_array_mut().unwrap();
+        messages.pop();
+        for result in results {
+            messages.push(json!({"role": "user", "content": [result]}));
+        }
+        let v = json_of(&fake, &split).await;
+        assert_eq!(v["content"][0]["text"], "Tool results: 22 C; noon");
+    }
+
+    #[tokio::test]
+    async fn tool_misuse_is_refused_like_anthropic() {
+        let fake = tool_fake().await;
+        let refused = |body: Value| {
+            let fake = &fake;
+            async move {
+                let resp = post(fake, &body).await;
+                assert_eq!(resp.status(), 400, "{body}");
+                let v: Value = resp.json().await.unwrap();
+                assert_eq!(v["error"]["type"], "invalid_request_error");
+                v["error"]["message"].as_str().unwrap().to_owned()
+            }
+        };
+        let mut unanswered = after_tools();
+        unanswered["messages"][2]["content"]
+            .as_array_mut()
+            .unwrap()
+            .pop();
+        assert_eq!(refused(unanswered).await, "messages.1: `tool_use` ids were found without `tool_result` blocks immediately after: toolu_2. Each `tool_use` block must have a corresponding `tool_result` block in the next message.");
+        let mut stray = after_tools();
+        stray["messages"][2]["content"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"type": "tool_result", "tool_use_id": "toolu_9", "content": "x"}));
+        assert_eq!(refused(stray).await, "messages.2.content.2: unexpected `tool_use_id` found in `tool_result` blocks: toolu_9. Each `tool_result` block must have a corresponding `tool_use` block in the previous message.");
+        let mut late = after_tools();
+        late["messages"][2]["content"]
+            .as_array_mut()
+            .unwrap()
+            .insert(0, json!({"type": "text", "text": "here:"}));
+        assert_eq!(refused(late).await, "messages.2: Did not find 2 `tool_result` block(s) at the beginning of this message. Messages following `tool_use` blocks must begin with a matching number of `tool_result` blocks.");
+        let mut wrong_role = hello(false);
+        wrong_role["messages"][0]["content"] = json!([
+            {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {}}]);
+        assert!(refused(wrong_role).await.contains("`assistant` messages"));
+        let mut bad_id = after_tools();
+        bad_id["messages"][1]["content"][1]["id"] = json!("toolu 1");
+        assert_eq!(
+            refused(bad_id).await,
+            "messages.1.content.1.tool_use.id: String should match pattern '^[a-zA-Z0-9_-]+$'"
+        );
+        let mut string_input = after_tools();
+        string_input["messages"][1]["content"][1]["input"] = json!("{\"city\":\"Paris\"}");
+        assert_eq!(
+            refused(string_input).await,
+            "messages.1.content.1.tool_use.input: Input should be a valid dictionary"
+        );
+
+        assert_eq!(
+            refused(tool_body(&["get weather"], false)).await,
+            "tools.0.custom.name: String should match pattern '^[a-zA-Z0-9_-]{1,128}$'"
+        );
+        let mut no_schema = tool_body(&["f"], false);
+        no_schema["tools"][0]
+            .as_object_mut()
+            .unwrap()
+            .remove("input_schema");
+        assert_eq!(
+            refused(no_schema).await,
+            "tools.0.custom.input_schema: Field required"
+        );
+        assert_eq!(
+            refused(tool_body(&["f", "f"], false)).await,
+            "tools: Tool names must be unique."
+        );
+        let mut choice = hello(false);
+        choice["tool_choice"] = json!({"type": "any"});
+        assert!(refused(choice).await.contains("while providing tools"));
+        let mut bad_choice = tool_body(&["f"], false);
+        bad_choice["tool_choice"] = json!({"type": "required"});
+        assert!(refused(bad_choice.clone())
+            .await
+            .contains("'auto', 'any', 'tool', 'none'"));
+        bad_choice["tool_choice"] = json!({"type": "any", "disable_parallel_tool_use": "yes"});
+        assert_eq!(
+            refused(bad_choice).await,
+            "tool_choice.any.disable_parallel_tool_use: Input should be a valid boolean"
+        );
     }
 
     #[tokio::test]

@@ -13,11 +13,35 @@
 //! `RESOURCE_EXHAUSTED` with `QuotaFailure`, `Help` and `google.rpc.RetryInfo` (`retryDelay`
 //! `"Ns"`) details; an unknown model is 404 `NOT_FOUND`; SSE events end in `\r\n\r\n`.
 //!
+//! Function calling: with [`Behavior::tool_calls`] scripted and `tools[].functionDeclarations`
+//! offered, the candidate is `{"role":"model","parts":[{"functionCall":{"name","args"}},…]}`
+//! with `finishReason: "STOP"` (Gemini calls have no ids; which calls: see
+//! [`crate::fake_server`]); streamed, each call is its own chunk and the last carries
+//! `finishReason` and `usageMetadata`. `toolConfig.functionCallingConfig` `mode`
+//! `AUTO`/`ANY`/`NONE`/`VALIDATED` and `allowedFunctionNames` are honoured. A conversation
+//! whose last content holds `functionResponse` parts is answered `Tool results: <each
+//! response, compact JSON>; ...`. Google's refusals are copied: a field Gemini's `Schema` (or
+//! a `FunctionDeclaration`) lacks, e.g. `additionalProperties`, in `parameters` or
+//! `generationConfig.responseSchema` is `Invalid JSON payload received. Unknown name "…" at
+//! 'tools[0].function_declarations[0].parameters.properties[0].value': Cannot find field.`
+//! with a `BadRequest` detail (both JSON and proto field names are accepted); an unknown
+//! `type` or `mode`, or a non-object function `response`, is `Invalid value at '…'`; function
+//! names must start with a letter or `_` and hold only `a-zA-Z0-9_.:-` (64 at most);
+//! `allowedFunctionNames` needs mode `ANY` (or `VALIDATED`); function calling with
+//! `responseMimeType: "application/json"` is unsupported; a function call turn must follow a
+//! user turn, and a function response turn must follow a function call turn and answer each
+//! of its calls (Google's wording; the names must match).
+//!
+//! Structured output: `generationConfig.responseMimeType: "application/json"` is answered
+//! with a minimal instance of `responseSchema` (or `responseJsonSchema`), or
+//! `{"answer": <reply>}` without one.
+//!
 //! Behaviour is adjustable at runtime through [`FakeGemini::set_behavior`], and every request
 //! is recorded with the key it carried.
 
 use crate::fake_server::{
-    any_local_port, bind, embedding, fnv1a, pieces, streamed_body, to_u64, Script, Serving,
+    any_local_port, bind, embedding, fnv1a, json_reply, pieces, streamed_body, to_u64,
+    tool_call_tokens, tool_results_reply, Script, Serving, ToolAsk, ToolPlan,
 };
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
@@ -58,6 +82,9 @@ pub struct Behavior {
     pub hang_after_chunks: Option<usize>,
     /// Length of each embedding (a request's `outputDimensionality` can shorten it).
     pub embedding_dims: usize,
+    /// Calls to answer with when a request declares functions: those it offers (see the
+    /// module docs).
+    pub tool_calls: Vec<ToolPlan>,
 }
 
 impl Default for Behavior {
@@ -77,6 +104,7 @@ impl Default for Behavior {
             finish_reason: None,
             hang_after_chunks: None,
             embedding_dims: 8,
+            tool_calls: Vec::new(),
         }
     }
 }
@@ -429,20 +457,464 @@ enum Framing {
     JsonArray,
 }
 
-/// Characters of every text part in `content` (a `Content` object).
+/// `camel` (a JSON field name) in snake case: its proto name, which Google accepts too.
+fn snake(camel: &str) -> String {
+    let mut out = String::with_capacity(camel.len() + 4);
+    for c in camel.chars() {
+        if c.is_ascii_uppercase() {
+            out.push('_');
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Field `camel` of `obj`, given by its JSON name or its proto (snake case) name.
+fn field<'a>(obj: &'a Value, camel: &str) -> &'a Value {
+    obj.get(camel)
+        .unwrap_or_else(|| &obj[snake(camel).as_str()])
+}
+
+/// The fields of Gemini's `Schema` (an OpenAPI subset); any other key is refused.
+const SCHEMA_FIELDS: [&str; 22] = [
+    "type",
+    "format",
+    "title",
+    "description",
+    "nullable",
+    "enum",
+    "maxItems",
+    "minItems",
+    "properties",
+    "required",
+    "minProperties",
+    "maxProperties",
+    "minLength",
+    "maxLength",
+    "pattern",
+    "example",
+    "anyOf",
+    "propertyOrdering",
+    "default",
+    "items",
+    "minimum",
+    "maximum",
+];
+
+/// The fields of a `FunctionDeclaration`.
+const DECLARATION_FIELDS: [&str; 7] = [
+    "name",
+    "description",
+    "behavior",
+    "parameters",
+    "parametersJsonSchema",
+    "response",
+    "responseJsonSchema",
+];
+
+/// The values of Gemini's `Type` enum (accepted in any case).
+const TYPES: [&str; 8] = [
+    "TYPE_UNSPECIFIED",
+    "STRING",
+    "NUMBER",
+    "INTEGER",
+    "BOOLEAN",
+    "ARRAY",
+    "OBJECT",
+    "NULL",
+];
+
+/// The values of `FunctionCallingConfig.Mode`.
+const MODES: [&str; 5] = ["MODE_UNSPECIFIED", "AUTO", "ANY", "NONE", "VALIDATED"];
+
+/// One field Google could not parse: its path and Google's description.
+type Violation = (String, String);
+
+fn unknown_field(path: &str, key: &str) -> Violation {
+    let description = format!(
+        "Invalid JSON payload received. Unknown name \"{key}\" at '{path}': Cannot find field."
+    );
+    (path.to_owned(), description)
+}
+
+fn invalid_value(path: &str, proto: &str, value: &Value) -> Violation {
+    let description = format!("Invalid value at '{path}' (type.googleapis.com/{proto}), {value}");
+    (path.to_owned(), description)
+}
+
+/// Google's 400 for a body that does not parse: every description, and a `BadRequest` detail
+/// listing the field violations.
+fn unparsable(violations: &[Violation]) -> Response {
+    let descriptions: Vec<&str> = violations.iter().map(|(_, d)| d.as_str()).collect();
+    let fields: Vec<Value> = violations
+        .iter()
+        .map(|(field, description)| json!({"field": field, "description": description}))
+        .collect();
+    error_with(
+        400,
+        &descriptions.join("\n"),
+        Some(
+            json!([{"@type": "type.googleapis.com/google.rpc.BadRequest",
+            "fieldViolations": fields}]),
+        ),
+    )
+}
+
+/// Checks `schema` (at `path`, e.g. `tools[0].function_declarations[0].parameters`) against
+/// Gemini's `Schema`, adding what Google would refuse to `out`. Nested paths are written as
+/// Google writes them: `.properties[i].value`, `.items`, `.any_of[i]` (`i` counting map
+/// entries in key order).
+fn check_schema(schema: &Value, path: &str, out: &mut Vec<Violation>) {
+    let Some(fields) = schema.as_object() else {
+        out.push(invalid_value(
+            path,
+            "google.ai.generativelanguage.v1beta.Schema",
+            schema,
+        ));
+        return;
+    };
+    for (key, value) in fields {
+        let Some(known) = SCHEMA_FIELDS
+            .iter()
+            .find(|f| **f == key.as_str() || snake(f) == *key)
+        else {
+            out.push(unknown_field(path, key));
+            continue;
+        };
+        match *known {
+            "type" => {
+                let known_type = value
+                    .as_str()
+                    .is_some_and(|t| TYPES.iter().any(|k| k.eq_ignore_ascii_case(t)));
+                if !known_type {
+                    out.push(invalid_value(
+                        &format!("{path}.type"),
+                        "google.ai.generativelanguage.v1beta.Type",
+                        value,
+                    ));
+                }
+            }
+            "properties" => {
+                for (i, sub) in value
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .map(|(_, s)| s)
+                    .enumerate()
+                {
+                    check_schema(sub, &format!("{path}.properties[{i}].value"), out);
+                }
+            }
+            "items" => check_schema(value, &format!("{path}.items"), out),
+            "anyOf" => {
+                for (i, sub) in value.as_array().into_iter().flatten().enumerate() {
+                    check_schema(sub, &format!("{path}.any_of[{i}]"), out);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Every function declaration of a request, with its path (`tools[i].function_declarations[j]`).
+fn declarations(req: &Value) -> Vec<(String, &Value)> {
+    let tools = req["tools"].as_array().map_or(&[][..], Vec::as_slice);
+    tools
+        .iter()
+        .enumerate()
+        .flat_map(|(i, tool)| {
+            let declared = field(tool, "functionDeclarations").as_array();
+            declared
+                .into_iter()
+                .flatten()
+                .enumerate()
+                .map(move |(j, d)| (format!("tools[{i}].function_declarations[{j}]"), d))
+        })
+        .collect()
+}
+
+/// `toolConfig.functionCallingConfig`.
+fn calling_config(req: &Value) -> &Value {
+    field(field(req, "toolConfig"), "functionCallingConfig")
+}
+
+/// `allowedFunctionNames`.
+fn allowed_names(req: &Value) -> Vec<String> {
+    field(calling_config(req), "allowedFunctionNames")
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Whether `name` is a function name Gemini accepts.
+fn valid_function_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+    first_ok
+        && name.chars().count() <= 64
+        && chars.all(|c| c.is_ascii_alphanumeric() || "_.:-".contains(c))
+}
+
+/// The names of a content's `functionCall` parts, and of its `functionResponse` parts with
+/// their part index.
+fn function_parts(content: &Value) -> (Vec<&str>, Vec<(usize, &str)>) {
+    let parts = content["parts"].as_array().map_or(&[][..], Vec::as_slice);
+    let calls = parts
+        .iter()
+        .filter_map(|p| field(field(p, "functionCall"), "name").as_str())
+        .collect();
+    let responses = parts
+        .iter()
+        .enumerate()
+        .filter_map(|(k, p)| Some((k, field(field(p, "functionResponse"), "name").as_str()?)))
+        .collect();
+    (calls, responses)
+}
+
+/// Google's refusal of the turns of function calling: a call follows a user turn, a response
+/// turn follows a call turn and answers each of its calls by name.
+fn refuse_turns(contents: &[Value]) -> Option<Response> {
+    for (i, content) in contents.iter().enumerate() {
+        let previous = i.checked_sub(1).map(|p| &contents[p]);
+        let (calls, responses) = function_parts(content);
+        let after_user = previous.is_some_and(|p| p["role"].as_str() != Some("model"));
+        if !calls.is_empty() && !after_user {
+            return Some(error(400, "Please ensure that function call turn comes immediately after a user turn or after a function response turn."));
+        }
+        if responses.is_empty() {
+            continue;
+        }
+        let asked = previous.map(|p| function_parts(p).0).unwrap_or_default();
+        if asked.is_empty() {
+            return Some(error(400, "Please ensure that function response turn comes immediately after a function call turn."));
+        }
+        if asked.len() != responses.len() {
+            return Some(error(400, "Please ensure that the number of function response parts is equal to the number of function call parts of the function call turn."));
+        }
+        if let Some((k, name)) = responses.iter().find(|(_, name)| !asked.contains(name)) {
+            return Some(error(
+                400,
+                &format!("* GenerateContentRequest.contents[{i}].parts[{k}].function_response.name: function response \"{name}\" does not answer a function call of the previous turn.\n"),
+            ));
+        }
+    }
+    None
+}
+
+/// Google's refusals of function declarations, tool config, response schema and function
+/// turns: first what does not parse, then what does not make sense.
+fn refuse_generate(req: &Value, contents: &[Value]) -> Option<Response> {
+    let declared = declarations(req);
+    let mut violations = Vec::new();
+    for (path, declaration) in &declared {
+        for key in declaration
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, _)| k)
+        {
+            if !DECLARATION_FIELDS
+                .iter()
+                .any(|f| *f == key.as_str() || snake(f) == *key)
+            {
+                violations.push(unknown_field(path, key));
+            }
+        }
+        let parameters = field(declaration, "parameters");
+        if !parameters.is_null() {
+            check_schema(parameters, &format!("{path}.parameters"), &mut violations);
+        }
+    }
+    let config = field(req, "generationConfig");
+    let response_schema = field(config, "responseSchema");
+    if !response_schema.is_null() {
+        check_schema(
+            response_schema,
+            "generation_config.response_schema",
+            &mut violations,
+        );
+    }
+    let mode = field(calling_config(req), "mode");
+    if !mode.is_null() && !mode.as_str().is_some_and(|m| MODES.contains(&m)) {
+        violations.push(invalid_value(
+            "tool_config.function_calling_config.mode",
+            "google.ai.generativelanguage.v1beta.FunctionCallingConfig.Mode",
+            mode,
+        ));
+    }
+    for (i, content) in contents.iter().enumerate() {
+        let parts = content["parts"].as_array().map_or(&[][..], Vec::as_slice);
+        for (k, part) in parts.iter().enumerate() {
+            let response = field(field(part, "functionResponse"), "response");
+            if !response.is_null() && !response.is_object() {
+                violations.push(invalid_value(
+                    &format!("contents[{i}].parts[{k}].function_response.response"),
+                    "google.protobuf.Struct",
+                    response,
+                ));
+            }
+        }
+    }
+    if !violations.is_empty() {
+        return Some(unparsable(&violations));
+    }
+    for (path, declaration) in &declared {
+        let name = field(declaration, "name").as_str().unwrap_or_default();
+        if !valid_function_name(name) {
+            return Some(error(400, &format!("The GenerateContentRequest proto is invalid:\n  * {path}.name: [FIELD_INVALID] Invalid function name. Must start with a letter or an underscore. Must be a-z, A-Z, 0-9, or contain underscores (_), dots (.), colons (:), or dashes (-), with a maximum length of 64.")));
+        }
+    }
+    let mode = mode.as_str().unwrap_or("AUTO");
+    if !allowed_names(req).is_empty() && mode != "ANY" && mode != "VALIDATED" {
+        return Some(error(400, "* GenerateContentRequest.tool_config.function_calling_config.allowed_function_names: allowed_function_names can only be set when mode is ANY or VALIDATED.\n"));
+    }
+    if !declared.is_empty() && field(config, "responseMimeType") == "application/json" {
+        return Some(error(
+            400,
+            "Function calling with a response mime type: 'application/json' is unsupported",
+        ));
+    }
+    refuse_turns(contents)
+}
+
+/// What a request allows in function calls (`tools`, `toolConfig.functionCallingConfig`).
+fn tool_ask(req: &Value) -> ToolAsk {
+    let offered: Vec<String> = declarations(req)
+        .iter()
+        .filter_map(|(_, d)| field(d, "name").as_str())
+        .map(str::to_owned)
+        .collect();
+    if offered.is_empty() {
+        return ToolAsk::default();
+    }
+    let allowed = allowed_names(req);
+    let mode = field(calling_config(req), "mode")
+        .as_str()
+        .unwrap_or("AUTO");
+    ToolAsk {
+        callable: if allowed.is_empty() { offered } else { allowed },
+        required: mode == "ANY",
+        disabled: mode == "NONE",
+        single: false,
+    }
+}
+
+/// The text of the JSON document `generationConfig` asks for (`responseMimeType`
+/// `application/json`, with `responseSchema` or `responseJsonSchema`), if it asks for one.
+fn json_answer(req: &Value, reply: &str) -> Option<String> {
+    let config = field(req, "generationConfig");
+    if field(config, "responseMimeType") != "application/json" {
+        return None;
+    }
+    let schema = [
+        field(config, "responseSchema"),
+        field(config, "responseJsonSchema"),
+    ]
+    .into_iter()
+    .find(|s| !s.is_null());
+    Some(json_reply(schema, reply))
+}
+
+/// The compact JSON `response`s of the `functionResponse` parts the conversation ends with
+/// (empty when its last content has none).
+fn final_responses(contents: &[Value]) -> Vec<String> {
+    let parts = contents
+        .last()
+        .and_then(|c| c["parts"].as_array())
+        .map_or(&[][..], Vec::as_slice);
+    parts
+        .iter()
+        .map(|p| field(p, "functionResponse"))
+        .filter(|r| !r.is_null())
+        .map(|r| field(r, "response").to_string())
+        .collect()
+}
+
+/// Characters of every text part in `content` (a `Content` object), and of its function
+/// calls' arguments and function responses.
 fn content_chars(content: &Value) -> usize {
     content["parts"]
         .as_array()
         .into_iter()
         .flatten()
-        .filter_map(|p| p["text"].as_str())
-        .map(|t| t.chars().count())
+        .map(|p| match p["text"].as_str() {
+            Some(text) => text.chars().count(),
+            None => [("functionCall", "args"), ("functionResponse", "response")]
+                .iter()
+                .map(|(kind, payload)| field(field(p, kind), payload))
+                .filter(|v| !v.is_null())
+                .map(|v| v.to_string().chars().count())
+                .sum(),
+        })
         .sum()
 }
 
-fn chunk(model: &str, text: &str) -> Value {
-    json!({"candidates": [{"content": {"parts": [{"text": text}], "role": "model"}, "index": 0}],
+fn chunk(model: &str, parts: &[Value]) -> Value {
+    json!({"candidates": [{"content": {"parts": parts, "role": "model"}, "index": 0}],
         "modelVersion": model, "responseId": "fake-gemini-response"})
+}
+
+/// What a generation says: its parts whole, its parts chunk by chunk when streamed, its
+/// output tokens, and the finish reason it would give.
+struct Said {
+    whole: Vec<Value>,
+    streamed: Vec<Vec<Value>>,
+    tokens: u64,
+    reason: &'static str,
+}
+
+/// Function calls when the request allows those scripted (one per streamed chunk), else
+/// text: word pieces, cut by `maxOutputTokens`.
+fn say(req: &Value, contents: &[Value], b: &Behavior) -> Said {
+    let results = final_responses(contents);
+    let calls = if results.is_empty() {
+        tool_ask(req).calls(&b.tool_calls)
+    } else {
+        Vec::new()
+    };
+    if !calls.is_empty() {
+        let parts: Vec<Value> = calls
+            .iter()
+            .map(|c| json!({"functionCall": {"name": c.name, "args": c.arguments}}))
+            .collect();
+        return Said {
+            streamed: parts.iter().map(|p| vec![p.clone()]).collect(),
+            whole: parts,
+            tokens: tool_call_tokens(&calls),
+            reason: "STOP",
+        };
+    }
+    let text = if results.is_empty() {
+        json_answer(req, &b.reply).unwrap_or_else(|| b.reply.clone())
+    } else {
+        tool_results_reply(&results)
+    };
+    let mut parts = pieces(&text);
+    let mut reason = "STOP";
+    if let Some(n) = field(req, "generationConfig")["maxOutputTokens"].as_u64() {
+        let n = usize::try_from(n).unwrap_or(usize::MAX);
+        if n < parts.len() {
+            parts.truncate(n);
+            reason = "MAX_TOKENS";
+        }
+    }
+    let mut streamed: Vec<Vec<Value>> = parts.iter().map(|p| vec![json!({ "text": p })]).collect();
+    if streamed.is_empty() {
+        streamed.push(vec![json!({"text": ""})]);
+    }
+    Said {
+        whole: vec![json!({"text": parts.concat()})],
+        streamed,
+        tokens: to_u64(parts.len()),
+        reason,
+    }
 }
 
 async fn generate(req: &Value, model: &str, b: &Behavior, framing: Framing) -> Response {
@@ -453,23 +925,20 @@ async fn generate(req: &Value, model: &str, b: &Behavior, framing: Framing) -> R
             "* GenerateContentRequest.contents: contents is not specified\n",
         );
     }
+    if let Some(refusal) = refuse_generate(req, &contents) {
+        return refusal;
+    }
     let prompt_chars = contents.iter().map(content_chars).sum::<usize>()
         + content_chars(&req["systemInstruction"]);
     let prompt_tokens = to_u64((prompt_chars / 4).max(1));
-    let mut parts = pieces(&b.reply);
-    let mut reason = "STOP";
-    if let Some(n) = req["generationConfig"]["maxOutputTokens"].as_u64() {
-        let n = usize::try_from(n).unwrap_or(usize::MAX);
-        if n < parts.len() {
-            parts.truncate(n);
-            reason = "MAX_TOKENS";
-        }
-    }
-    let reason = b.finish_reason.clone().unwrap_or_else(|| reason.to_owned());
-    let completion_tokens = to_u64(parts.len());
+    let said = say(req, &contents, b);
+    let reason = b
+        .finish_reason
+        .clone()
+        .unwrap_or_else(|| said.reason.to_owned());
     let usage = json!({"promptTokenCount": prompt_tokens,
-        "candidatesTokenCount": completion_tokens,
-        "totalTokenCount": prompt_tokens + completion_tokens,
+        "candidatesTokenCount": said.tokens,
+        "totalTokenCount": prompt_tokens + said.tokens,
         "promptTokensDetails": [{"modality": "TEXT", "tokenCount": prompt_tokens}]});
     let finish = |mut v: Value| {
         v["candidates"][0]["finishReason"] = json!(reason);
@@ -478,13 +947,16 @@ async fn generate(req: &Value, model: &str, b: &Behavior, framing: Framing) -> R
     };
 
     if framing == Framing::Whole {
-        tokio::time::sleep(b.chunk_delay * u32::try_from(parts.len()).unwrap_or(u32::MAX)).await;
-        return Json(finish(chunk(model, &parts.concat()))).into_response();
+        let units = u32::try_from(said.streamed.len()).unwrap_or(u32::MAX);
+        tokio::time::sleep(b.chunk_delay * units).await;
+        return Json(finish(chunk(model, &said.whole))).into_response();
     }
 
-    // Every piece is a chunk; the last one also carries finishReason and usageMetadata.
-    let last = parts.pop().unwrap_or_default();
-    let mut chunks: Vec<Value> = parts.iter().map(|p| chunk(model, p)).collect();
+    // Every piece (or call) is a chunk; the last one also carries finishReason and
+    // usageMetadata.
+    let mut streamed = said.streamed;
+    let last = streamed.pop().unwrap_or_default();
+    let mut chunks: Vec<Value> = streamed.iter().map(|p| chunk(model, p)).collect();
     chunks.push(finish(chunk(model, &last)));
     let (tx, stream) = streamed_body();
     let (delay, hang_after) = (b.chunk_delay, b.hang_after_chunks);
@@ -675,6 +1147,264 @@ mod tests {
         );
         assert_eq!(v["candidates"][0]["finishReason"], "MAX_TOKENS");
         assert_eq!(v["usageMetadata"]["candidatesTokenCount"], 2);
+    }
+
+    const GENERATE: &str = "/v1beta/models/gemini-2.0-flash:generateContent";
+
+    fn declaration(name: &str) -> Value {
+        json!({"name": name, "description": "d", "parameters": {"type": "OBJECT",
+            "properties": {"city": {"type": "STRING"}}, "required": ["city"]}})
+    }
+
+    fn tool_body(names: &[&str]) -> Value {
+        let mut body = hello();
+        let declarations: Vec<Value> = names.iter().map(|n| declaration(n)).collect();
+        body["tools"] = json!([{ "functionDeclarations": declarations }]);
+        body
+    }
+
+    /// A fake scripted to call `get_weather` then `get_time`.
+    async fn tool_fake() -> FakeGemini {
+        let fake = FakeGemini::start().await;
+        fake.set_behavior(Behavior {
+            tool_calls: vec![
+                ToolPlan::new("get_weather", json!({"city": "Paris"})),
+                ToolPlan::new("get_time", json!({"zone": "CET"})),
+            ],
+            ..Behavior::default()
+        });
+        fake
+    }
+
+    fn weather_call() -> Value {
+        json!({"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}})
+    }
+
+    fn time_call() -> Value {
+        json!({"functionCall": {"name": "get_time", "args": {"zone": "CET"}}})
+    }
+
+    /// The function names called in a whole answer.
+    fn called(v: &Value) -> Vec<&str> {
+        assert_eq!(v["candidates"][0]["finishReason"], "STOP", "{v}");
+        assert_eq!(v["candidates"][0]["content"]["role"], "model");
+        v["candidates"][0]["content"]["parts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["functionCall"]["name"].as_str().unwrap())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn declared_functions_are_called_in_a_whole_answer() {
+        let fake = tool_fake().await;
+        let (status, v) = call(&fake, GENERATE, Some(KEY), &tool_body(&["get_weather"])).await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(
+            v["candidates"][0]["content"],
+            json!({"parts": [weather_call()], "role": "model"})
+        );
+        assert_eq!(v["candidates"][0]["finishReason"], "STOP");
+        assert_eq!(v["usageMetadata"]["candidatesTokenCount"], 3);
+
+        let mut body = tool_body(&["get_time", "get_weather"]);
+        let (_, v) = call(&fake, GENERATE, Some(KEY), &body).await;
+        assert_eq!(called(&v), ["get_weather", "get_time"]);
+        body["toolConfig"] = json!({"functionCallingConfig": {"mode": "ANY",
+            "allowedFunctionNames": ["get_time"]}});
+        let (_, v) = call(&fake, GENERATE, Some(KEY), &body).await;
+        assert_eq!(called(&v), ["get_time"]);
+        body["toolConfig"] = json!({"function_calling_config": {"mode": "NONE"}});
+        let (_, v) = call(&fake, GENERATE, Some(KEY), &body).await;
+        assert_eq!(
+            v["candidates"][0]["content"]["parts"][0]["text"],
+            "Hello from the fake Gemini."
+        );
+
+        // ANY with nothing scripted for the declared function: called with `{}`.
+        let mut body = tool_body(&["lookup"]);
+        body["toolConfig"] = json!({"functionCallingConfig": {"mode": "ANY"}});
+        let (_, v) = call(&fake, GENERATE, Some(KEY), &body).await;
+        assert_eq!(
+            v["candidates"][0]["content"]["parts"],
+            json!([{"functionCall": {"name": "lookup", "args": {}}}])
+        );
+        body.as_object_mut().unwrap().remove("toolConfig");
+        let (_, v) = call(&fake, GENERATE, Some(KEY), &body).await;
+        assert!(v["candidates"][0]["content"]["parts"][0]["text"].is_string());
+    }
+
+    #[tokio::test]
+    async fn parallel_calls_stream_one_per_chunk() {
+        let fake = tool_fake().await;
+        let body = tool_body(&["get_weather", "get_time"]);
+        let resp = post(
+            &fake,
+            "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse",
+            Some(KEY),
+            &body,
+        )
+        .await;
+        let chunks = sse_data(&resp.text().await.unwrap());
+        assert_eq!(chunks.len(), 2);
+        assert_eq!(
+            chunks[0]["candidates"][0]["content"],
+            json!({"parts": [weather_call()], "role": "model"})
+        );
+        assert!(chunks[0]["candidates"][0].get("finishReason").is_none());
+        assert!(chunks[0].get("usageMetadata").is_none());
+        assert_eq!(
+            chunks[1]["candidates"][0]["content"],
+            json!({"parts": [time_call()], "role": "model"})
+        );
+        assert_eq!(chunks[1]["candidates"][0]["finishReason"], "STOP");
+        assert_eq!(chunks[1]["usageMetadata"]["candidatesTokenCount"], 6);
+        let (status, v) = call(
+            &fake,
+            "/v1beta/models/gemini-2.0-flash:streamGenerateContent",
+            Some(KEY),
+            &body,
+        )
+        .await;
+        assert_eq!(status, 200);
+        assert_eq!(v.as_array().unwrap().len(), 2);
+        assert_eq!(v[1]["candidates"][0]["content"]["parts"][0], time_call());
+    }
+
+    /// The conversation after the model called `get_weather` and `get_time` and both
+    /// responses came back.
+    fn after_calls() -> Value {
+        let mut body = tool_body(&["get_weather", "get_time"]);
+        let contents = body["contents"].as_array_mut().unwrap();
+        contents.push(json!({"role": "model", "parts": [weather_call(), time_call()]}));
+        contents.push(json!({"role": "user", "parts": [
+            {"functionResponse": {"name": "get_weather", "response": {"temp": 22}}},
+            {"functionResponse": {"name": "get_time", "response": {"time": "noon"}}}]}));
+        body
+    }
+
+    #[tokio::test]
+    async fn after_function_responses_the_answer_is_text_quoting_them() {
+        let fake = tool_fake().await;
+        let (status, v) = call(&fake, GENERATE, Some(KEY), &after_calls()).await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(
+            v["candidates"][0]["content"]["parts"],
+            json!([{"text": r#"Tool results: {"temp":22}; {"time":"noon"}"#}])
+        );
+    }
+
+    #[tokio::test]
+    async fn function_misuse_is_refused_like_google() {
+        let fake = tool_fake().await;
+        let refused = |body: Value| {
+            let fake = &fake;
+            async move {
+                let (status, v) = call(fake, GENERATE, Some(KEY), &body).await;
+                assert_eq!(status, 400, "{body}: {v}");
+                assert_eq!(v["error"]["status"], "INVALID_ARGUMENT");
+                v["error"].clone()
+            }
+        };
+        let mut extra = tool_body(&["get_weather"]);
+        let parameters = &mut extra["tools"][0]["functionDeclarations"][0]["parameters"];
+        parameters["additionalProperties"] = json!(false);
+        parameters["properties"]["when"] = json!({"type": "string", "$ref": "#/x"});
+        let e = refused(extra).await;
+        assert_eq!(
+            e["message"],
+            "Invalid JSON payload received. Unknown name \"additionalProperties\" at 'tools[0].function_declarations[0].parameters': Cannot find field.\nInvalid JSON payload received. Unknown name \"$ref\" at 'tools[0].function_declarations[0].parameters.properties[1].value': Cannot find field."
+        );
+        assert_eq!(
+            e["details"][0]["fieldViolations"][1]["field"],
+            "tools[0].function_declarations[0].parameters.properties[1].value"
+        );
+        let mut schema = hello();
+        schema["generationConfig"] = json!({"responseMimeType": "application/json",
+            "responseSchema": {"type": "ARRAY", "items": {"type": "objekt", "const": 1}}});
+        let e = refused(schema).await;
+        assert_eq!(e["message"], "Invalid JSON payload received. Unknown name \"const\" at 'generation_config.response_schema.items': Cannot find field.\nInvalid value at 'generation_config.response_schema.items.type' (type.googleapis.com/google.ai.generativelanguage.v1beta.Type), \"objekt\"");
+        let mut name = tool_body(&["get weather"]);
+        name["tools"][0]["functionDeclarations"][0]["name"] = json!("7up");
+        assert!(refused(name).await["message"]
+            .as_str()
+            .unwrap()
+            .contains("function_declarations[0].name: [FIELD_INVALID] Invalid function name."));
+        let mut allowed = tool_body(&["get_weather"]);
+        allowed["toolConfig"] = json!({"functionCallingConfig": {"mode": "AUTO",
+            "allowedFunctionNames": ["get_weather"]}});
+        assert!(refused(allowed).await["message"]
+            .as_str()
+            .unwrap()
+            .contains("allowed_function_names"));
+        let mut mode = tool_body(&["get_weather"]);
+        mode["toolConfig"] = json!({"functionCallingConfig": {"mode": "REQUIRED"}});
+        assert_eq!(refused(mode).await["message"], "Invalid value at 'tool_config.function_calling_config.mode' (type.googleapis.com/google.ai.generativelanguage.v1beta.FunctionCallingConfig.Mode), \"REQUIRED\"");
+        let mut json_and_tools = tool_body(&["get_weather"]);
+        json_and_tools["generationConfig"] = json!({"responseMimeType": "application/json"});
+        assert_eq!(
+            refused(json_and_tools).await["message"],
+            "Function calling with a response mime type: 'application/json' is unsupported"
+        );
+
+        let mut string_response = after_calls();
+        string_response["contents"][2]["parts"][0]["functionResponse"]["response"] = json!("22");
+        assert_eq!(refused(string_response).await["message"], "Invalid value at 'contents[2].parts[0].function_response.response' (type.googleapis.com/google.protobuf.Struct), \"22\"");
+        let mut one_missing = after_calls();
+        one_missing["contents"][2]["parts"]
+            .as_array_mut()
+            .unwrap()
+            .pop();
+        assert_eq!(refused(one_missing).await["message"], "Please ensure that the number of function response parts is equal to the number of function call parts of the function call turn.");
+        let mut wrong_name = after_calls();
+        wrong_name["contents"][2]["parts"][1]["functionResponse"]["name"] = json!("lookup");
+        assert!(refused(wrong_name).await["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("* GenerateContentRequest.contents[2].parts[1].function_response.name"));
+        let mut no_call = after_calls();
+        no_call["contents"].as_array_mut().unwrap().remove(1);
+        assert_eq!(refused(no_call).await["message"], "Please ensure that function response turn comes immediately after a function call turn.");
+        let mut call_first = after_calls();
+        call_first["contents"].as_array_mut().unwrap().remove(0);
+        assert_eq!(refused(call_first).await["message"], "Please ensure that function call turn comes immediately after a user turn or after a function response turn.");
+    }
+
+    #[tokio::test]
+    async fn json_mime_type_gets_a_json_document() {
+        let fake = FakeGemini::start().await;
+        let mut body = hello();
+        body["generationConfig"] = json!({"responseMimeType": "application/json",
+            "responseSchema": {"type": "OBJECT", "properties": {"color": {"type": "STRING"},
+                "wavelengths": {"type": "ARRAY", "items": {"type": "NUMBER"}}}}});
+        let (status, v) = call(&fake, GENERATE, Some(KEY), &body).await;
+        assert_eq!(status, 200, "{v}");
+        let text = v["candidates"][0]["content"]["parts"][0]["text"]
+            .as_str()
+            .unwrap();
+        assert_eq!(
+            serde_json::from_str::<Value>(text).unwrap(),
+            json!({"color": "text", "wavelengths": [1.5]})
+        );
+        body["generationConfig"] = json!({"response_mime_type": "application/json"});
+        let resp = post(
+            &fake,
+            "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse",
+            Some(KEY),
+            &body,
+        )
+        .await;
+        let text: String = sse_data(&resp.text().await.unwrap())
+            .iter()
+            .map(|c| {
+                c["candidates"][0]["content"]["parts"][0]["text"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect();
+        assert_eq!(text, r#"{"answer":"Hello from the fake Gemini."}"#);
     }
 
     #[tokio::test]

@@ -11,14 +11,29 @@
 //! counts that are zero/unknown are omitted, chat with empty `messages` answers
 //! `done_reason: "load"`, and embeddings are L2-normalised.
 //!
+//! Tool calling: with [`Behavior::tool_calls`] scripted and `tools`
+//! (`[{"type":"function","function":{"name","description","parameters"}}]`) offered, the
+//! answer's `message` is `{"role":"assistant","content":"","tool_calls":[{"id":"call_<8
+//! lower-case alnum>","function":{"index":i,"name","arguments":{...}}}]}` (arguments an
+//! object, as current Ollama sends them; which calls: see [`crate::fake_server`]); streamed,
+//! the calls come whole in one line, then the `done` line with `done_reason: "stop"`. A
+//! conversation ending in `tool` messages (which may carry `tool_name`) is answered `Tool
+//! results: <each content>; ...`. Tool call `arguments` in the request must be objects:
+//! anything else is refused with Ollama's decoding error ("Value looks like object, but can't
+//! find closing '}' symbol").
+//!
+//! Structured output: `format` `"json"` is answered `{"answer": <reply>}`, a JSON Schema
+//! object with a minimal instance of it; any other `format` is Ollama's 500 `invalid format`.
+//!
 //! Behaviour is adjustable at runtime through [`FakeOllama::set_behavior`], and
 //! every chat/embed request body is recorded for assertions.
 
 use crate::fake_server::{
-    any_local_port, bind, embedding, fnv1a, pieces, streamed_body, to_u64, Script, Serving,
+    alnum, any_local_port, bind, embedding, fnv1a, json_reply, pieces, streamed_body, to_u64,
+    tool_call_tokens, tool_results_reply, trailing_run, Script, Serving, ToolAsk, ToolPlan,
 };
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -73,6 +88,8 @@ pub struct Behavior {
     /// Streams only: after this many content chunks, send nothing more but keep
     /// the connection open (a stalled upstream).
     pub hang_after_chunks: Option<usize>,
+    /// Calls to answer with when a chat offers tools: those it offers (see the module docs).
+    pub tool_calls: Vec<ToolPlan>,
 }
 
 impl Default for Behavior {
@@ -87,6 +104,7 @@ impl Default for Behavior {
             eval_count: Count::Auto,
             embedding_dims: 8,
             hang_after_chunks: None,
+            tool_calls: Vec::new(),
         }
     }
 }
@@ -98,6 +116,8 @@ struct Shared {
     /// Chat requests being answered right now, and the most there ever were at once.
     chats_in_flight: AtomicUsize,
     most_chats_in_flight: AtomicUsize,
+    /// Numbers tool call ids.
+    ids: AtomicU64,
 }
 
 /// Counts one chat request as in flight until dropped (when its answer is complete).
@@ -211,8 +231,9 @@ fn with_latest(name: &str) -> String {
     }
 }
 
-/// Parses the body, records it, applies the first-byte delay and the injected
-/// failure, and checks the model. Returns the request and the behaviour to use.
+/// Parses the body, records it, refuses a chat body Ollama could not decode,
+/// applies the first-byte delay and the injected failure, and checks the model.
+/// Returns the request and the behaviour to use.
 async fn admit(
     shared: &Shared,
     body: &Bytes,
@@ -226,6 +247,9 @@ async fn admit(
     shared.script.record(req.clone());
     if is_chat {
         shared.chat_requests.fetch_add(1, Ordering::SeqCst);
+        if let Some(refusal) = undecodable_chat(&req) {
+            return Err(refusal);
+        }
     }
     let b = shared.behavior();
     pause(b.first_byte_delay).await;
@@ -274,9 +298,129 @@ async fn tags(State(shared): State<Arc<Shared>>) -> Json<Value> {
     Json(json!({ "models": models }))
 }
 
-fn message(model: &str, content: &str, done: bool) -> Value {
-    json!({"model": model, "created_at": now(),
-        "message": {"role": "assistant", "content": content}, "done": done})
+fn line(model: &str, message: &Value, done: bool) -> Value {
+    json!({"model": model, "created_at": now(), "message": message, "done": done})
+}
+
+/// An assistant `message` with `content`.
+fn assistant(content: &str) -> Value {
+    json!({"role": "assistant", "content": content})
+}
+
+/// What `format` asks for: JSON (against a schema, or any for `"json"`), or nothing.
+enum Format<'a> {
+    Text,
+    Json(Option<&'a Value>),
+}
+
+/// Reads `format` as Ollama does: `"json"` or a JSON Schema object, else Ollama's complaint
+/// (which it sends as a 500 when it passes the format to the model runner).
+fn read_format(format: &Value) -> Result<Format<'_>, String> {
+    match format {
+        Value::Null => Ok(Format::Text),
+        Value::String(s) if s.is_empty() => Ok(Format::Text),
+        Value::String(s) if s == "json" => Ok(Format::Json(None)),
+        Value::Object(_) => Ok(Format::Json(Some(format))),
+        other => Err(format!(
+            "invalid format: {:?}; expected \"json\" or a valid JSON Schema object",
+            other.to_string()
+        )),
+    }
+}
+
+/// Ollama's decoding error for a chat body its Go types cannot hold: tool call `arguments`
+/// must be a JSON object (Ollama decodes them into an ordered map, whose parser says this).
+fn undecodable_chat(req: &Value) -> Option<Response> {
+    let messages = req["messages"].as_array()?;
+    let bad_arguments = messages
+        .iter()
+        .flat_map(|m| m["tool_calls"].as_array().into_iter().flatten())
+        .map(|call| &call["function"]["arguments"])
+        .any(|arguments| !(arguments.is_null() || arguments.is_object()));
+    bad_arguments.then(|| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "Value looks like object, but can't find closing '}' symbol",
+        )
+    })
+}
+
+/// The tool calls a chat allows: any of the functions in `tools` (Ollama has no tool choice).
+fn tool_ask(req: &Value) -> ToolAsk {
+    let offered = req["tools"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t["function"]["name"].as_str())
+        .map(str::to_owned)
+        .collect();
+    ToolAsk {
+        callable: offered,
+        ..ToolAsk::default()
+    }
+}
+
+/// What a chat answer says: its `message` chunks when streamed and whole, how many tokens,
+/// and why it stopped.
+struct Said {
+    chunks: Vec<Value>,
+    whole: Value,
+    eval: u64,
+    done_reason: &'static str,
+}
+
+/// Tool calls when the request allows those scripted (all in one chunk, as Ollama sends
+/// them), else text in word pieces, cut by `num_predict`.
+fn say(shared: &Shared, req: &Value, b: &Behavior, format: &Format) -> Said {
+    let messages = req["messages"].as_array().map_or(&[][..], Vec::as_slice);
+    let results: Vec<&str> = trailing_run(messages, |m| m["role"] == "tool")
+        .iter()
+        .map(|m| m["content"].as_str().unwrap_or_default())
+        .collect();
+    let calls = if results.is_empty() {
+        tool_ask(req).calls(&b.tool_calls)
+    } else {
+        Vec::new()
+    };
+    if !calls.is_empty() {
+        let tool_calls: Vec<Value> = calls
+            .iter()
+            .enumerate()
+            .map(|(index, call)| {
+                let id = alnum(shared.ids.fetch_add(1, Ordering::SeqCst), 8).to_ascii_lowercase();
+                json!({"id": format!("call_{id}"), "function": {"index": index,
+                    "name": call.name, "arguments": call.arguments}})
+            })
+            .collect();
+        let mut message = assistant("");
+        message["tool_calls"] = tool_calls.into();
+        return Said {
+            chunks: vec![message.clone()],
+            whole: message,
+            eval: tool_call_tokens(&calls),
+            done_reason: "stop",
+        };
+    }
+    let text = match (results.is_empty(), format) {
+        (false, _) => tool_results_reply(&results),
+        (true, Format::Json(schema)) => json_reply(*schema, &b.reply),
+        (true, Format::Text) => b.reply.clone(),
+    };
+    let mut parts = pieces(&text);
+    let mut done_reason = "stop";
+    if let Some(n) = req["options"]["num_predict"].as_u64() {
+        let n = usize::try_from(n).unwrap_or(usize::MAX);
+        if n < parts.len() {
+            parts.truncate(n);
+            done_reason = "length";
+        }
+    }
+    Said {
+        chunks: parts.iter().map(|p| assistant(p)).collect(),
+        whole: assistant(&parts.concat()),
+        eval: to_u64(parts.len()),
+        done_reason,
+    }
 }
 
 async fn chat(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
@@ -289,30 +433,27 @@ async fn chat(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
     let model = req["model"].as_str().unwrap_or_default().to_owned();
     let messages = req["messages"].as_array().cloned().unwrap_or_default();
     if messages.is_empty() {
-        let mut v = message(&model, "", true);
+        let mut v = line(&model, &assistant(""), true);
         v["done_reason"] = "load".into();
         return Json(v).into_response();
     }
+    let format = match read_format(&req["format"]) {
+        Ok(format) => format,
+        Err(why) => return error(StatusCode::INTERNAL_SERVER_ERROR, why),
+    };
     let prompt_chars: usize = messages
         .iter()
         .map(|m| m["content"].as_str().map_or(0, |c| c.chars().count()))
         .sum();
-    let mut parts = pieces(&b.reply);
-    let mut done_reason = "stop";
-    if let Some(n) = req["options"]["num_predict"].as_u64() {
-        let n = usize::try_from(n).unwrap_or(usize::MAX);
-        if n < parts.len() {
-            parts.truncate(n);
-            done_reason = "length";
-        }
-    }
+    let said = say(&shared, &req, &b, &format);
     let prompt_eval = b
         .prompt_eval_count
         .resolve(to_u64((prompt_chars / 4).max(1)));
-    let eval = b.eval_count.resolve(to_u64(parts.len()));
+    let eval = b.eval_count.resolve(said.eval);
+    let done_reason = said.done_reason;
     let chunk_model = model.clone();
-    let finish = move |content: &str| {
-        let mut v = message(&model, content, true);
+    let finish = move |message: Value| {
+        let mut v = line(&model, &message, true);
         v["done_reason"] = done_reason.into();
         let (load, prompt) = (1_000_000u64, 2_000_000u64);
         let eval_ns = u64::try_from(started.elapsed().as_nanos())
@@ -331,16 +472,17 @@ async fn chat(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
         v
     };
 
+    let chunks = said.chunks;
     if req["stream"].as_bool() == Some(false) {
-        pause(b.chunk_delay * u32::try_from(parts.len()).unwrap_or(u32::MAX)).await;
-        return Json(finish(&parts.concat())).into_response();
+        pause(b.chunk_delay * u32::try_from(chunks.len()).unwrap_or(u32::MAX)).await;
+        return Json(finish(said.whole)).into_response();
     }
 
     let (tx, stream) = streamed_body();
     tokio::spawn(async move {
         let _in_flight = in_flight;
-        let line = |v: &Value| Ok(Bytes::from(format!("{v}\n")));
-        for (i, part) in parts.iter().enumerate() {
+        let send = |v: &Value| Ok(Bytes::from(format!("{v}\n")));
+        for (i, message) in chunks.iter().enumerate() {
             if b.hang_after_chunks == Some(i) {
                 tx.closed().await; // stall until the client goes away
                 return;
@@ -348,20 +490,17 @@ async fn chat(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
             if i > 0 {
                 pause(b.chunk_delay).await;
             }
-            if tx
-                .send(line(&message(&chunk_model, part, false)))
-                .await
-                .is_err()
-            {
+            let chunk = line(&chunk_model, message, false);
+            if tx.send(send(&chunk)).await.is_err() {
                 return;
             }
         }
-        if b.hang_after_chunks.is_some_and(|n| n >= parts.len()) {
+        if b.hang_after_chunks.is_some_and(|n| n >= chunks.len()) {
             tx.closed().await;
             return;
         }
         pause(b.chunk_delay).await;
-        let _ = tx.send(line(&finish(""))).await;
+        let _ = tx.send(send(&finish(assistant("")))).await;
     });
     ([(header::CONTENT_TYPE, "application/x-ndjson")], stream).into_response()
 }
@@ -541,6 +680,175 @@ mod tests {
             .unwrap();
         assert_eq!(resp.status(), 400);
         assert!(resp.json::<Value>().await.unwrap()["error"].is_string());
+    }
+
+    /// A fake scripted to call `get_weather` then `get_time`.
+    async fn tool_fake() -> FakeOllama {
+        let fake = FakeOllama::start().await;
+        fake.set_behavior(Behavior {
+            tool_calls: vec![
+                ToolPlan::new("get_weather", json!({"city": "Paris"})),
+                ToolPlan::new("get_time", json!({"zone": "CET"})),
+            ],
+            ..Behavior::default()
+        });
+        fake
+    }
+
+    fn tool_body(tools: &[&str], stream: bool) -> Value {
+        let mut body = chat_body("llama3.2", "weather in Paris?");
+        body["stream"] = stream.into();
+        body["tools"] = tools
+            .iter()
+            .map(|name| {
+                json!({"type": "function", "function": {"name": name, "description": "d",
+                    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}})
+            })
+            .collect();
+        body
+    }
+
+    /// `(index, name, arguments)` of a message's tool calls, checking their shape.
+    fn calls_of(message: &Value) -> Vec<(u64, String, Value)> {
+        assert_eq!(message["role"], "assistant");
+        assert_eq!(message["content"], "");
+        message["tool_calls"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                let id = c["id"].as_str().unwrap().strip_prefix("call_").unwrap();
+                assert_eq!(id.len(), 8);
+                assert!(id
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()));
+                let f = &c["function"];
+                assert_eq!(f.as_object().unwrap().len(), 3);
+                let name = f["name"].as_str().unwrap().to_owned();
+                (f["index"].as_u64().unwrap(), name, f["arguments"].clone())
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn offered_tools_are_called_whole_and_streamed() {
+        let fake = tool_fake().await;
+        let (status, v) = call(&fake, "/api/chat", &tool_body(&["get_weather"], false)).await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(
+            calls_of(&v["message"]),
+            [(0, "get_weather".to_owned(), json!({"city": "Paris"}))]
+        );
+        assert_eq!(
+            (&v["done"], &v["done_reason"], &v["eval_count"]),
+            (&json!(true), &json!("stop"), &json!(3))
+        );
+
+        let resp = post(
+            &fake,
+            "/api/chat",
+            &tool_body(&["get_weather", "get_time"], true),
+        )
+        .await;
+        let lines: Vec<Value> = resp
+            .text()
+            .await
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["done"], false);
+        assert_eq!(
+            calls_of(&lines[0]["message"]),
+            [
+                (0, "get_weather".to_owned(), json!({"city": "Paris"})),
+                (1, "get_time".to_owned(), json!({"zone": "CET"}))
+            ]
+        );
+        assert_eq!(
+            lines[1]["message"],
+            json!({"role": "assistant", "content": ""})
+        );
+        assert_eq!(
+            (&lines[1]["done_reason"], &lines[1]["eval_count"]),
+            (&json!("stop"), &json!(6))
+        );
+
+        // Tools nobody scripted a call for: text.
+        let (_, v) = call(&fake, "/api/chat", &tool_body(&["lookup"], false)).await;
+        assert_eq!(v["message"]["content"], "Hello from the fake Ollama.");
+    }
+
+    /// The conversation after the assistant called `get_weather` and `get_time` and both
+    /// results came back.
+    fn after_tools() -> Value {
+        let mut body = tool_body(&["get_weather", "get_time"], false);
+        let messages = body["messages"].as_array_mut().unwrap();
+        messages.push(json!({"role": "assistant", "content": "", "tool_calls": [
+            {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+            {"function": {"index": 1, "name": "get_time", "arguments": {}}}]}));
+        messages.push(json!({"role": "tool", "tool_name": "get_weather", "content": "22 C"}));
+        messages.push(json!({"role": "tool", "tool_name": "get_time", "content": "noon"}));
+        body
+    }
+
+    #[tokio::test]
+    async fn after_tool_results_the_answer_is_text_quoting_them() {
+        let fake = tool_fake().await;
+        let (status, v) = call(&fake, "/api/chat", &after_tools()).await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(
+            v["message"],
+            json!({"role": "assistant", "content": "Tool results: 22 C; noon"})
+        );
+        let mut stringly = after_tools();
+        stringly["messages"][1]["tool_calls"][0]["function"]["arguments"] =
+            json!("{\"city\":\"Paris\"}");
+        let (status, v) = call(&fake, "/api/chat", &stringly).await;
+        assert_eq!(
+            (status, v),
+            (
+                400,
+                json!({"error": "Value looks like object, but can't find closing '}' symbol"})
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn format_gets_a_json_document() {
+        let fake = FakeOllama::start().await;
+        let mut body = chat_body("llama3.2", "describe Paris");
+        body["stream"] = false.into();
+        body["format"] = json!({"type": "object", "properties": {"name": {"type": "string"},
+            "rivers": {"type": "array", "items": {"type": "string"}}}, "required": ["name"]});
+        let (status, v) = call(&fake, "/api/chat", &body).await;
+        assert_eq!(status, 200, "{v}");
+        let text = v["message"]["content"].as_str().unwrap();
+        assert_eq!(
+            serde_json::from_str::<Value>(text).unwrap(),
+            json!({"name": "text", "rivers": ["text"]})
+        );
+        body["format"] = json!("json");
+        body["stream"] = true.into();
+        let text = post(&fake, "/api/chat", &body).await.text().await.unwrap();
+        let joined: String = text
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["message"]["content"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect();
+        assert_eq!(joined, r#"{"answer":"Hello from the fake Ollama."}"#);
+        body["format"] = json!("xml");
+        let (status, v) = call(&fake, "/api/chat", &body).await;
+        assert_eq!(status, 500);
+        assert_eq!(
+            v["error"],
+            r#"invalid format: "\"xml\""; expected "json" or a valid JSON Schema object"#
+        );
     }
 
     #[tokio::test]

@@ -16,11 +16,30 @@
 //! Injected failures look like OpenAI's: 429 `rate_limit_exceeded` (type `requests`) with
 //! `retry-after`/`retry-after-ms` and `x-ratelimit-*` headers, 500/503 `server_error`.
 //!
+//! Tool calling: with [`Behavior::tool_calls`] scripted and `tools` offered, a chat answers
+//! with calls (see [`crate::fake_server`] for which): whole, `message.content` is `null`,
+//! `message.tool_calls` holds `{"id":"call_<24 alnum>","type":"function","function":{"name",
+//! "arguments":"<JSON text>"}}` and `finish_reason` is `tool_calls`; streamed, a
+//! `{"role":"assistant","content":null}` delta, then per call a delta with its `index`, `id`,
+//! `type`, `name` and empty `arguments`, then deltas carrying the arguments in pieces of six
+//! characters, then an empty delta with `finish_reason: "tool_calls"`. `tool_choice` `none`,
+//! `required`, a named function and `allowed_tools`, and `parallel_tool_calls: false`, are
+//! honoured. A conversation ending in `tool` messages is answered `Tool results: <each
+//! content>; ...`. OpenAI's refusals are copied: a function name outside `^[a-zA-Z0-9_-]+$` or
+//! over 64 characters, empty `tools`, `tool_choice` or `parallel_tool_calls` without `tools`,
+//! a `tool` message that answers no call of the assistant message before it, and an
+//! assistant message with `tool_calls` not followed by a `tool` message for each id.
+//!
+//! Structured output: `response_format` `json_schema` is answered with a minimal instance of
+//! its schema, `json_object` with `{"answer": <reply>}` (refused, as OpenAI does, when no
+//! message mentions JSON).
+//!
 //! Behaviour is adjustable at runtime through [`FakeOpenAi::set_behavior`], and every chat and
 //! embeddings request body is recorded for assertions.
 
 use crate::fake_server::{
-    self, any_local_port, bind, pieces, streamed_body, to_u64, Frames, Script, Serving,
+    self, alnum, any_local_port, bind, fragments, json_reply, pieces, streamed_body, to_u64,
+    tool_call_tokens, tool_results_reply, trailing_run, Frames, Script, Serving, ToolAsk, ToolPlan,
 };
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -74,6 +93,8 @@ pub struct Behavior {
     /// Check request bodies against OpenAI's request schemas (400 when they do not fit).
     /// Costs tens of milliseconds per request in a debug build; benchmarks turn it off.
     pub validate_requests: bool,
+    /// Calls to answer with when a chat offers tools: those it offers (see the module docs).
+    pub tool_calls: Vec<ToolPlan>,
 }
 
 impl Default for Behavior {
@@ -101,6 +122,7 @@ impl Default for Behavior {
             hang_after_chunks: None,
             error_after_chunks: None,
             validate_requests: true,
+            tool_calls: Vec::new(),
         }
     }
 }
@@ -380,6 +402,76 @@ fn message_text(message: &Value) -> String {
     }
 }
 
+/// Characters of a request message: its text and its tool calls' arguments.
+fn message_chars(message: &Value) -> usize {
+    let arguments: usize = message["tool_calls"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["function"]["arguments"].as_str())
+        .map(|a| a.chars().count())
+        .sum();
+    message_text(message).chars().count() + arguments
+}
+
+/// The names of the function tools a request offers, in order.
+fn offered_functions(req: &Value) -> Vec<String> {
+    req["tools"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|t| t["type"] == "function")
+        .filter_map(|t| t["function"]["name"].as_str())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// What a chat request allows in tool calls (`tools`, `tool_choice`, `parallel_tool_calls`).
+fn tool_ask(req: &Value) -> ToolAsk {
+    let offered = offered_functions(req);
+    if offered.is_empty() {
+        return ToolAsk::default();
+    }
+    let mut ask = ToolAsk {
+        callable: offered,
+        single: req["parallel_tool_calls"] == false,
+        ..ToolAsk::default()
+    };
+    let choice = &req["tool_choice"];
+    match (choice.as_str(), choice["type"].as_str()) {
+        (Some("none"), _) => ask.disabled = true,
+        (Some("required"), _) => ask.required = true,
+        (_, Some("function")) => {
+            let name = choice["function"]["name"].as_str().unwrap_or_default();
+            ask.callable = vec![name.to_owned()];
+            ask.required = true;
+        }
+        (_, Some("allowed_tools")) => {
+            let allowed = &choice["allowed_tools"];
+            let names: Vec<&str> = allowed["tools"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|t| t["function"]["name"].as_str())
+                .collect();
+            ask.callable.retain(|n| names.contains(&n.as_str()));
+            ask.required = allowed["mode"] == "required";
+        }
+        _ => {}
+    }
+    ask
+}
+
+/// The text of the JSON document `response_format` asks for, if it asks for one.
+fn json_answer(req: &Value, reply: &str) -> Option<String> {
+    let format = &req["response_format"];
+    match format["type"].as_str() {
+        Some("json_schema") => Some(json_reply(format["json_schema"].get("schema"), reply)),
+        Some("json_object") => Some(json_reply(None, reply)),
+        _ => None,
+    }
+}
+
 /// OpenAI's `usage` object.
 fn usage(prompt: u64, completion: u64) -> Value {
     json!({
@@ -394,31 +486,87 @@ fn usage(prompt: u64, completion: u64) -> Value {
 
 /// Filler for the `obfuscation` field, varying with the chunk.
 fn obfuscation(seed: u64) -> String {
-    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed;
-    let mut out = String::new();
-    for _ in 0..(seed % 9 + 2) {
-        h = (h ^ 0x5bd1).wrapping_mul(0x0100_0000_01b3);
-        let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
-        out.push(char::from(alphabet[usize::try_from(h % 62).unwrap_or(0)]));
-    }
-    out
+    alnum(seed, usize::try_from(seed % 9 + 2).unwrap_or(2))
 }
 
-/// A finished chat's plan: what to say and how it ends.
+/// A tool call in OpenAI's terms.
+struct Call {
+    id: String,
+    name: String,
+    /// The arguments as JSON text.
+    arguments: String,
+}
+
+impl Call {
+    fn json(&self) -> Value {
+        json!({"id": self.id, "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments}})
+    }
+}
+
+/// A finished chat's plan: what to say (text pieces, or tool calls) and how it ends.
 struct Answer {
     id: String,
     created: i64,
     model: String,
     parts: Vec<String>,
+    tool_calls: Vec<Call>,
     finish_reason: &'static str,
     usage: Value,
 }
 
 fn plan_answer(shared: &Shared, req: &Value, b: &Behavior) -> Answer {
-    let prompt_chars: usize = req["messages"].as_array().map_or(0, |ms| {
-        ms.iter().map(|m| message_text(m).chars().count()).sum()
-    });
-    let mut parts = pieces(&b.reply);
+    let messages = req["messages"].as_array().map_or(&[][..], Vec::as_slice);
+    let prompt_chars: usize = messages.iter().map(message_chars).sum();
+    let answer_id = format!(
+        "chatcmpl-fake{:020}",
+        shared.next_id.fetch_add(1, Ordering::SeqCst)
+    );
+    let created = chrono::Utc::now().timestamp();
+    let model = req["model"].as_str().unwrap_or_default().to_owned();
+    let prompt = b
+        .prompt_tokens
+        .unwrap_or_else(|| to_u64((prompt_chars / 4).max(1)));
+    let results: Vec<String> = trailing_run(messages, |m| m["role"] == "tool")
+        .iter()
+        .map(message_text)
+        .collect();
+    let calls = if results.is_empty() {
+        tool_ask(req).calls(&b.tool_calls)
+    } else {
+        Vec::new()
+    };
+    if !calls.is_empty() {
+        let completion = b
+            .completion_tokens
+            .unwrap_or_else(|| tool_call_tokens(&calls));
+        let tool_calls = calls
+            .iter()
+            .map(|c| Call {
+                id: format!(
+                    "call_{}",
+                    alnum(shared.next_id.fetch_add(1, Ordering::SeqCst), 24)
+                ),
+                name: c.name.clone(),
+                arguments: c.arguments_json(),
+            })
+            .collect();
+        return Answer {
+            id: answer_id,
+            created,
+            model,
+            parts: Vec::new(),
+            tool_calls,
+            finish_reason: "tool_calls",
+            usage: usage(prompt, completion),
+        };
+    }
+    let text = if results.is_empty() {
+        json_answer(req, &b.reply).unwrap_or_else(|| b.reply.clone())
+    } else {
+        tool_results_reply(&results)
+    };
+    let mut parts = pieces(&text);
     let mut finish_reason = "stop";
     let limit = req["max_completion_tokens"]
         .as_u64()
@@ -430,21 +578,134 @@ fn plan_answer(shared: &Shared, req: &Value, b: &Behavior) -> Answer {
             finish_reason = "length";
         }
     }
-    let prompt = b
-        .prompt_tokens
-        .unwrap_or_else(|| to_u64((prompt_chars / 4).max(1)));
     let completion = b.completion_tokens.unwrap_or_else(|| to_u64(parts.len()));
     Answer {
-        id: format!(
-            "chatcmpl-fake{:020}",
-            shared.next_id.fetch_add(1, Ordering::SeqCst)
-        ),
-        created: chrono::Utc::now().timestamp(),
-        model: req["model"].as_str().unwrap_or_default().to_owned(),
+        id: answer_id,
+        created,
+        model,
         parts,
+        tool_calls: Vec::new(),
         finish_reason,
         usage: usage(prompt, completion),
     }
+}
+
+/// OpenAI's refusal of a function name `name` at `param` (`tools[0].function.name`), if any.
+fn refuse_function_name(name: &str, param: &str) -> Option<Response> {
+    let pattern = "^[a-zA-Z0-9_-]+$";
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Some(invalid_request(
+            format!("Invalid '{param}': string does not match pattern. Expected a string that matches the pattern '{pattern}'."),
+            Some(param),
+            Some("invalid_value"),
+        ));
+    }
+    let length = name.chars().count();
+    (length > 64).then(|| {
+        invalid_request(
+            format!("Invalid '{param}': string too long. Expected a string with maximum length 64, but got a string with length {length} instead."),
+            Some(param),
+            Some("string_above_max_length"),
+        )
+    })
+}
+
+/// OpenAI's refusals of `tools`, `tool_choice` and `parallel_tool_calls`; `Some` is the
+/// refusal.
+fn refuse_tools(req: &Value) -> Option<Response> {
+    let tools = req["tools"].as_array();
+    if tools.is_some_and(Vec::is_empty) {
+        return Some(invalid_request(
+            "Invalid 'tools': empty array. Expected an array with minimum length 1, but got an empty array instead.",
+            Some("tools"),
+            Some("empty_array"),
+        ));
+    }
+    for (i, tool) in tools.into_iter().flatten().enumerate() {
+        if tool["type"] == "function" {
+            let name = tool["function"]["name"].as_str().unwrap_or_default();
+            let refusal = refuse_function_name(name, &format!("tools[{i}].function.name"));
+            if refusal.is_some() {
+                return refusal;
+            }
+        }
+    }
+    if tools.is_none() {
+        for field in ["tool_choice", "parallel_tool_calls"] {
+            if !req[field].is_null() {
+                return Some(invalid_request(
+                    format!("Invalid value for '{field}': '{field}' is only allowed when 'tools' are specified."),
+                    Some(field),
+                    None,
+                ));
+            }
+        }
+    }
+    None
+}
+
+/// OpenAI's refusals of tool calls and `tool` messages in the conversation: each `tool`
+/// message answers a call of the assistant message just before the run of `tool` messages it
+/// is in, and each such call is answered. `Some` is the refusal.
+fn refuse_tool_messages(messages: &[Value]) -> Option<Response> {
+    // The last assistant message with tool calls: its index and the ids not yet answered.
+    let mut open: Option<(usize, Vec<String>)> = None;
+    let unanswered = |open: &Option<(usize, Vec<String>)>| {
+        let (at, ids) = open.as_ref().filter(|(_, ids)| !ids.is_empty())?;
+        let param = format!("messages.[{at}].role");
+        Some(invalid_request(
+            format!("An assistant message with 'tool_calls' must be followed by tool messages responding to each 'tool_call_id'. The following tool_call_ids did not have response messages: {}", ids.join(", ")),
+            Some(param.as_str()),
+            None,
+        ))
+    };
+    for (i, message) in messages.iter().enumerate() {
+        if message["role"] == "tool" {
+            let id = message["tool_call_id"].as_str().unwrap_or_default();
+            let answered = open
+                .as_mut()
+                .and_then(|(_, ids)| ids.iter().position(|x| x == id).map(|p| ids.remove(p)));
+            if answered.is_none() {
+                let param = format!("messages.[{i}].role");
+                return Some(invalid_request(
+                    "Invalid parameter: messages with role 'tool' must be a response to a preceeding message with 'tool_calls'.",
+                    Some(param.as_str()),
+                    None,
+                ));
+            }
+            continue;
+        }
+        if let Some(refusal) = unanswered(&open) {
+            return Some(refusal);
+        }
+        open = None;
+        let calls = message["tool_calls"]
+            .as_array()
+            .map_or(&[][..], Vec::as_slice);
+        for (j, call) in calls.iter().enumerate() {
+            if call["type"] == "function" {
+                let name = call["function"]["name"].as_str().unwrap_or_default();
+                let param = format!("messages[{i}].tool_calls[{j}].function.name");
+                let refusal = refuse_function_name(name, &param);
+                if refusal.is_some() {
+                    return refusal;
+                }
+            }
+        }
+        if message["role"] == "assistant" && !calls.is_empty() {
+            let ids = calls
+                .iter()
+                .filter_map(|c| c["id"].as_str())
+                .map(str::to_owned)
+                .collect();
+            open = Some((i, ids));
+        }
+    }
+    unanswered(&open)
 }
 
 /// OpenAI's own refusals that the schema does not express; `Some` is the refusal.
@@ -466,7 +727,18 @@ fn refuse_chat_request(req: &Value) -> Option<Response> {
             Some("unsupported_parameter"),
         ));
     }
-    None
+    let messages = req["messages"].as_array().map_or(&[][..], Vec::as_slice);
+    let mentions_json = messages
+        .iter()
+        .any(|m| message_text(m).to_ascii_lowercase().contains("json"));
+    if req["response_format"]["type"] == "json_object" && !mentions_json {
+        return Some(invalid_request(
+            "'messages' must contain the word 'json' in some form, to use 'response_format' of type 'json_object'.",
+            Some("messages"),
+            None,
+        ));
+    }
+    refuse_tools(req).or_else(|| refuse_tool_messages(messages))
 }
 
 async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
@@ -513,7 +785,7 @@ fn completion(answer: &Answer) -> Value {
         "model": answer.model,
         "choices": [{
             "index": 0,
-            "message": {"role": "assistant", "content": answer.parts.concat(), "refusal": null, "annotations": []},
+            "message": message(answer),
             "logprobs": null,
             "finish_reason": answer.finish_reason,
         }],
@@ -521,6 +793,17 @@ fn completion(answer: &Answer) -> Value {
         "service_tier": "default",
         "system_fingerprint": "fp_fake0penai",
     })
+}
+
+/// The whole answer's `message`: its text, or its tool calls.
+fn message(answer: &Answer) -> Value {
+    if answer.tool_calls.is_empty() {
+        return json!({"role": "assistant", "content": answer.parts.concat(), "refusal": null,
+            "annotations": []});
+    }
+    let calls: Vec<Value> = answer.tool_calls.iter().map(Call::json).collect();
+    json!({"role": "assistant", "content": null, "tool_calls": calls, "refusal": null,
+        "annotations": []})
 }
 
 /// Writes a streamed answer as OpenAI does.
@@ -552,29 +835,52 @@ impl StreamChunks {
         json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish_reason}])
     }
 
+    /// The first delta, with the role.
+    fn role_delta(&self) -> Value {
+        if self.answer.tool_calls.is_empty() {
+            json!({"role": "assistant", "content": "", "refusal": null})
+        } else {
+            json!({"role": "assistant", "content": null})
+        }
+    }
+
+    /// The deltas between the role and the finish: a text piece each, or per tool call its
+    /// head (index, id, name) and its arguments in fragments.
+    fn content_deltas(&self) -> Vec<Value> {
+        let text = self
+            .answer
+            .parts
+            .iter()
+            .map(|part| json!({ "content": part }));
+        let calls = self
+            .answer
+            .tool_calls
+            .iter()
+            .enumerate()
+            .flat_map(|(index, call)| {
+                let head = json!({"tool_calls": [{"index": index, "id": call.id, "type": "function",
+                "function": {"name": call.name, "arguments": ""}}]});
+                let arguments = fragments(&call.arguments).into_iter().map(move |fragment| {
+                json!({"tool_calls": [{"index": index, "function": {"arguments": fragment}}]})
+            });
+                std::iter::once(head).chain(arguments)
+            });
+        text.chain(calls).collect()
+    }
+
     /// Every `data:` payload of the stream, in order, with the behaviour's failures applied
     /// by [`StreamChunks::send`].
     fn frames(&self) -> Vec<Value> {
-        let mut frames = Vec::with_capacity(self.answer.parts.len() + 3);
+        let deltas = self.content_deltas();
+        let mut frames = Vec::with_capacity(deltas.len() + 3);
         let mut seq = 0;
         let mut next = || {
             seq += 1;
             seq
         };
-        frames.push(self.chunk(
-            &Self::choice(
-                &json!({"role": "assistant", "content": "", "refusal": null}),
-                None,
-            ),
-            None,
-            next(),
-        ));
-        for part in &self.answer.parts {
-            frames.push(self.chunk(
-                &Self::choice(&json!({ "content": part }), None),
-                None,
-                next(),
-            ));
+        frames.push(self.chunk(&Self::choice(&self.role_delta(), None), None, next()));
+        for delta in &deltas {
+            frames.push(self.chunk(&Self::choice(delta, None), None, next()));
         }
         let usage_on_finish = self
             .usage_in_last_choice_chunk
@@ -593,9 +899,10 @@ impl StreamChunks {
     async fn send(self, b: &Behavior, tx: &Frames) {
         let event = |data: &str| Ok(Bytes::from(format!("data: {data}\n\n")));
         let frames = self.frames();
+        let content_chunks = self.content_deltas().len();
         for (i, frame) in frames.iter().enumerate() {
             // Frame 0 is the role chunk; content chunk k is frame k + 1.
-            let sent_content = i.saturating_sub(1).min(self.answer.parts.len());
+            let sent_content = i.saturating_sub(1).min(content_chunks);
             if i > 0 && b.hang_after_chunks == Some(sent_content) {
                 tx.closed().await; // stall until the client goes away
                 return;
@@ -998,6 +1305,278 @@ mod tests {
         }
         let more = tokio::time::timeout(Duration::from_millis(200), resp.chunk()).await;
         assert!(more.is_err(), "stream should stall, got {more:?}");
+    }
+
+    fn tool(name: &str) -> Value {
+        json!({"type": "function", "function": {"name": name, "description": "d",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}})
+    }
+
+    /// A fake scripted to call `get_weather` then `get_time`.
+    async fn tool_fake() -> FakeOpenAi {
+        let fake = FakeOpenAi::start().await;
+        fake.set_behavior(Behavior {
+            tool_calls: vec![
+                ToolPlan::new("get_weather", json!({"city": "Paris"})),
+                ToolPlan::new("get_time", json!({"zone": "CET"})),
+            ],
+            ..Behavior::default()
+        });
+        fake
+    }
+
+    fn tool_body(tools: &[&str]) -> Value {
+        let mut body = chat_body("gpt-4o", "weather in Paris?");
+        body["tools"] = tools.iter().map(|t| tool(t)).collect();
+        body
+    }
+
+    /// `(name, arguments)` of a whole answer's tool calls, checking their shape.
+    fn calls_of(v: &Value) -> Vec<(String, String)> {
+        let message = &v["choices"][0]["message"];
+        assert_eq!(message["content"], Value::Null, "{v}");
+        assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
+        message["tool_calls"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                let id = c["id"].as_str().unwrap();
+                let tail = id.strip_prefix("call_").unwrap();
+                assert!(tail.len() == 24 && tail.chars().all(|c| c.is_ascii_alphanumeric()));
+                assert_eq!(c["type"], "function");
+                let f = &c["function"];
+                let pair = (
+                    f["name"].as_str().unwrap(),
+                    f["arguments"].as_str().unwrap(),
+                );
+                (pair.0.to_owned(), pair.1.to_owned())
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn offered_tools_are_called_in_a_whole_answer() {
+        let fake = tool_fake().await;
+        let (status, v) = call(&fake, "/chat/completions", &tool_body(&["get_weather"])).await;
+        assert_eq!(status, 200, "{v}");
+        assert_valid("CreateChatCompletionResponse", &v);
+        assert_eq!(
+            calls_of(&v),
+            [("get_weather".to_owned(), r#"{"city":"Paris"}"#.to_owned())]
+        );
+        assert_eq!(v["usage"]["completion_tokens"], 3); // 16 characters in pieces of 6
+        let keys: Vec<&String> = v["choices"][0]["message"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .collect();
+        assert_eq!(
+            keys,
+            ["annotations", "content", "refusal", "role", "tool_calls"]
+        );
+
+        // Both offered: parallel calls; parallel_tool_calls false: the first only.
+        let mut body = tool_body(&["get_time", "get_weather"]);
+        let (_, v) = call(&fake, "/chat/completions", &body).await;
+        let names: Vec<String> = calls_of(&v).into_iter().map(|c| c.0).collect();
+        assert_eq!(names, ["get_weather", "get_time"]);
+        body["parallel_tool_calls"] = json!(false);
+        let (_, v) = call(&fake, "/chat/completions", &body).await;
+        assert_eq!(calls_of(&v).len(), 1);
+
+        // No tools offered, or tool_choice none: text.
+        let (_, v) = call(&fake, "/chat/completions", &chat_body("gpt-4o", "hi")).await;
+        assert_eq!(v["choices"][0]["finish_reason"], "stop");
+        let mut none = tool_body(&["get_weather"]);
+        none["tool_choice"] = json!("none");
+        let (_, v) = call(&fake, "/chat/completions", &none).await;
+        assert_eq!(
+            v["choices"][0]["message"]["content"],
+            "Hello from the fake OpenAI."
+        );
+    }
+
+    #[tokio::test]
+    async fn forced_and_required_tool_choices_always_call() {
+        let fake = tool_fake().await;
+        let mut body = tool_body(&["get_weather", "get_time"]);
+        body["tool_choice"] = json!({"type": "function", "function": {"name": "get_time"}});
+        let (status, v) = call(&fake, "/chat/completions", &body).await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(
+            calls_of(&v),
+            [("get_time".to_owned(), r#"{"zone":"CET"}"#.to_owned())]
+        );
+        // Nothing scripted for the offered tool: `required` still calls it, with `{}`.
+        let mut body = tool_body(&["lookup"]);
+        body["tool_choice"] = json!("required");
+        let (_, v) = call(&fake, "/chat/completions", &body).await;
+        assert_eq!(calls_of(&v), [("lookup".to_owned(), "{}".to_owned())]);
+        body["tool_choice"] = json!("auto");
+        let (_, v) = call(&fake, "/chat/completions", &body).await;
+        assert_eq!(v["choices"][0]["finish_reason"], "stop");
+        let mut allowed = tool_body(&["get_weather", "get_time"]);
+        allowed["tool_choice"] = json!({"type": "allowed_tools", "allowed_tools": {"mode": "required",
+            "tools": [{"type": "function", "function": {"name": "get_time"}}]}});
+        let (status, v) = call(&fake, "/chat/completions", &allowed).await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(calls_of(&v)[0].0, "get_time");
+    }
+
+    #[tokio::test]
+    async fn tool_calls_stream_as_openai_streams_them() {
+        let fake = tool_fake().await;
+        let mut body = tool_body(&["get_weather", "get_time"]);
+        body["stream"] = json!(true);
+        body["stream_options"] = json!({"include_usage": true, "include_obfuscation": false});
+        let chunks = stream(&fake, &body).await;
+        let deltas: Vec<&Value> = chunks
+            .iter()
+            .filter_map(|c| c["choices"].get(0))
+            .map(|c| &c["delta"])
+            .collect();
+        assert_eq!(deltas[0], &json!({"role": "assistant", "content": null}));
+        let id0 = deltas[1]["tool_calls"][0]["id"].as_str().unwrap();
+        assert!(id0.starts_with("call_") && id0.len() == 29);
+        assert_eq!(
+            deltas[1],
+            &json!({"tool_calls": [{"index": 0, "id": id0, "type": "function",
+                "function": {"name": "get_weather", "arguments": ""}}]})
+        );
+        assert_eq!(
+            deltas[2],
+            &json!({"tool_calls": [{"index": 0, "function": {"arguments": "{\"city"}}]})
+        );
+        // get_weather: head + 3 fragments; get_time ({"zone":"CET"}, 14 chars): head + 3.
+        assert_eq!(deltas.len(), 1 + 4 + 4 + 1);
+        assert_eq!(deltas[5]["tool_calls"][0]["index"], 1);
+        assert_eq!(deltas[5]["tool_calls"][0]["function"]["name"], "get_time");
+        let arguments = |index: u64| -> String {
+            deltas
+                .iter()
+                .filter_map(|d| d["tool_calls"].get(0))
+                .filter(|c| c["index"] == index)
+                .map(|c| c["function"]["arguments"].as_str().unwrap())
+                .collect()
+        };
+        assert_eq!(arguments(0), r#"{"city":"Paris"}"#);
+        assert_eq!(arguments(1), r#"{"zone":"CET"}"#);
+        assert_eq!(deltas[9], &json!({}));
+        let finish = chunks
+            .iter()
+            .rev()
+            .find(|c| c["choices"].get(0).is_some())
+            .unwrap();
+        assert_eq!(finish["choices"][0]["finish_reason"], "tool_calls");
+        assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 6);
+    }
+
+    /// A conversation where the assistant called `get_weather` (id `call_1`) and `get_time`
+    /// (`call_2`) and both answers came back.
+    fn after_tools() -> Value {
+        let mut body = tool_body(&["get_weather", "get_time"]);
+        let calls = json!([
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}},
+            {"id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]);
+        let messages = body["messages"].as_array_mut().unwrap();
+        messages.push(json!({"role": "assistant", "content": null, "tool_calls": calls}));
+        messages.push(json!({"role": "tool", "tool_call_id": "call_1", "content": "22 C"}));
+        messages.push(json!({"role": "tool", "tool_call_id": "call_2",
+            "content": [{"type": "text", "text": "noon"}]}));
+        body
+    }
+
+    #[tokio::test]
+    async fn after_tool_results_the_answer_is_text_quoting_them() {
+        let fake = tool_fake().await;
+        let (status, v) = call(&fake, "/chat/completions", &after_tools()).await;
+        assert_eq!(status, 200, "{v}");
+        assert_valid("CreateChatCompletionResponse", &v);
+        assert_eq!(
+            v["choices"][0]["message"]["content"],
+            "Tool results: 22 C; noon"
+        );
+        assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    }
+
+    #[tokio::test]
+    async fn tool_misuse_is_refused_like_openai() {
+        let fake = tool_fake().await;
+        let refused = |body: Value| {
+            let fake = &fake;
+            async move {
+                let (status, v) = call(fake, "/chat/completions", &body).await;
+                assert_eq!(status, 400, "{body}: {v}");
+                assert_valid("ErrorResponse", &v);
+                v["error"].clone()
+            }
+        };
+        let e = refused(tool_body(&["get weather"])).await;
+        assert_eq!(e["message"], "Invalid 'tools[0].function.name': string does not match pattern. Expected a string that matches the pattern '^[a-zA-Z0-9_-]+$'.");
+        assert_eq!(
+            (&e["param"], &e["code"]),
+            (&json!("tools[0].function.name"), &json!("invalid_value"))
+        );
+        let long = "f".repeat(65);
+        let e = refused(tool_body(&[long.as_str()])).await;
+        assert_eq!(e["code"], "string_above_max_length");
+        let e = refused(tool_body(&[])).await;
+        assert_eq!(e["code"], "empty_array");
+        let mut choice = chat_body("gpt-4o", "hi");
+        choice["tool_choice"] = json!("auto");
+        let e = refused(choice).await;
+        assert_eq!(e["message"], "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are specified.");
+
+        // A tool message answering nothing; a call left unanswered.
+        let mut stray = after_tools();
+        stray["messages"][4]["tool_call_id"] = json!("call_9");
+        let e = refused(stray).await;
+        assert_eq!(e["message"], "Invalid parameter: messages with role 'tool' must be a response to a preceeding message with 'tool_calls'.");
+        assert_eq!(e["param"], "messages.[4].role");
+        let mut unanswered = after_tools();
+        unanswered["messages"].as_array_mut().unwrap().truncate(4);
+        let e = refused(unanswered.clone()).await;
+        assert_eq!(e["message"], "An assistant message with 'tool_calls' must be followed by tool messages responding to each 'tool_call_id'. The following tool_call_ids did not have response messages: call_2");
+        assert_eq!(e["param"], "messages.[2].role");
+        unanswered["messages"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"role": "user", "content": "and?"}));
+        assert!(refused(unanswered).await["message"]
+            .as_str()
+            .unwrap()
+            .contains("call_2"));
+    }
+
+    #[tokio::test]
+    async fn response_formats_get_json_documents() {
+        let fake = FakeOpenAi::start().await;
+        let mut body = chat_body("gpt-4o", "describe Paris");
+        body["response_format"] = json!({"type": "json_schema", "json_schema": {"name": "city", "strict": true,
+            "schema": {"type": "object", "properties": {"name": {"type": "string"}, "population": {"type": "integer"},
+                "tags": {"type": "array", "items": {"type": "string"}}},
+                "required": ["name", "population", "tags"], "additionalProperties": false}}});
+        let (status, v) = call(&fake, "/chat/completions", &body).await;
+        assert_eq!(status, 200, "{v}");
+        let text = v["choices"][0]["message"]["content"].as_str().unwrap();
+        assert_eq!(
+            serde_json::from_str::<Value>(text).unwrap(),
+            json!({"name": "text", "population": 7, "tags": ["text"]})
+        );
+
+        let mut body = chat_body("gpt-4o", "answer in JSON");
+        body["response_format"] = json!({"type": "json_object"});
+        body["stream"] = json!(true);
+        let chunks = stream(&fake, &body).await;
+        assert_eq!(
+            text_of(&chunks),
+            r#"{"answer":"Hello from the fake OpenAI."}"#
+        );
+        body["messages"][1]["content"] = json!("answer please");
+        let (status, v) = call(&fake, "/chat/completions", &body).await;
+        assert_eq!(status, 400);
+        assert_eq!(v["error"]["param"], "messages");
     }
 
     #[tokio::test]

@@ -659,4 +659,109 @@ mod tests {
         assert_eq!(params.stop, vec!["END".to_owned()]);
         assert_eq!(params.format, Some(OutputFormat::Json));
     }
+
+    const TOOLS: &str = r#""tools":[{"type":"function","function":{"name":"get_weather","description":"Weather","parameters":{"type":"object","properties":{"city":{"type":"string"}}},"strict":true}}]"#;
+
+    fn with_tools(rest: &str) -> String {
+        format!(r#"{{"model":"auto",{TOOLS},{rest}}}"#)
+    }
+
+    #[test]
+    fn tools_choices_calls_and_results_are_read() {
+        let (messages, params) = parse(&with_tools(
+            r#""tool_choice":{"type":"function","function":{"name":"get_weather"}},"parallel_tool_calls":false,
+            "messages":[{"role":"user","content":"weather?"},
+              {"role":"assistant","content":null,"tool_calls":[
+                {"id":"call_1","type":"function","function":{"name":"get_weather","arguments":"{\"city\":\"Paris\"}"}},
+                {"id":"call_2","type":"function","function":{"name":"get_weather","arguments":"{}"}}]},
+              {"role":"tool","tool_call_id":"call_2","content":"rain"},
+              {"role":"tool","tool_call_id":"call_1","content":[{"type":"text","text":"sun"}]},
+              {"role":"user","content":"thanks"}],
+            "logprobs":true,"top_logprobs":2,"logit_bias":{"50256":-100},"user":"u1","metadata":null"#,
+        ))
+        .unwrap();
+        assert_eq!(params.tools.len(), 1);
+        assert_eq!(params.tools[0].name, "get_weather");
+        assert_eq!(params.tools[0].strict, Some(true));
+        assert_eq!(
+            params.tool_choice,
+            Some(ToolChoice::Function("get_weather".into()))
+        );
+        assert_eq!(params.parallel_tool_calls, Some(false));
+        assert_eq!(params.user.as_deref(), Some("u1"));
+        assert_eq!(
+            Value::Object(params.openai_only),
+            serde_json::json!({"logprobs": true, "top_logprobs": 2, "logit_bias": {"50256": -100}})
+        );
+        assert_eq!(messages[1].tool_calls[0].arguments, r#"{"city":"Paris"}"#);
+        assert_eq!(messages[1].content, "");
+        assert_eq!(messages[2].tool_call_id.as_deref(), Some("call_2"));
+        assert_eq!(messages[3].content, "sun");
+    }
+
+    #[test]
+    fn tool_turns_are_checked_as_openai_checks_them() {
+        let call = r#"{"role":"assistant","content":null,"tool_calls":[{"id":"call_1","type":"function","function":{"name":"get_weather","arguments":"{}"}}]}"#;
+        let cases = [
+            // A tool result without a call before it.
+            (r#""messages":[{"role":"user","content":"x"},{"role":"tool","tool_call_id":"call_9","content":"r"}]"#.to_owned(), "messages.[1].role"),
+            // A call nobody answered, before the next user turn and at the end.
+            (format!(r#""messages":[{call},{{"role":"user","content":"x"}}]"#), "messages.[0].role"),
+            (format!(r#""messages":[{{"role":"user","content":"x"}},{call}]"#), "messages.[1].role"),
+            // A tool message without its call id.
+            (format!(r#""messages":[{call},{{"role":"tool","content":"r"}}]"#), "messages.[1].tool_call_id"),
+            // Calls only in assistant messages.
+            (r#""messages":[{"role":"user","content":"x","tool_calls":[{"id":"c","type":"function","function":{"name":"f","arguments":"{}"}}]}]"#.to_owned(), "messages.[0].tool_calls"),
+            (r#""messages":[{"role":"function","name":"f","content":"x"}]"#.to_owned(), "messages.[0].role"),
+            (r#""messages":[{"role":"user","content":"x"}],"tool_choice":"sometimes""#.to_owned(), "tool_choice"),
+            (r#""messages":[{"role":"user","content":"x"}],"tool_choice":{"type":"function","function":{"name":"other"}}"#.to_owned(), "tool_choice"),
+        ];
+        for (rest, param) in cases {
+            let err = parse(&with_tools(&rest)).unwrap_err();
+            assert_eq!(err.param.as_deref(), Some(param), "{rest}: {}", err.message);
+        }
+        let unanswered = parse(&with_tools(&format!(
+            r#""messages":[{{"role":"user","content":"x"}},{call}]"#
+        )))
+        .unwrap_err();
+        assert!(
+            unanswered
+                .message
+                .contains("did not have response messages: call_1"),
+            "{}",
+            unanswered.message
+        );
+    }
+
+    #[test]
+    fn unsupported_and_malformed_fields_are_named() {
+        let user = r#""messages":[{"role":"user","content":"x"}]"#;
+        let cases = [
+            (format!(r#"{{"model":"auto",{user},"tool_choice":"required"}}"#), "tool_choice"),
+            (format!(r#"{{"model":"auto",{user},"tools":[{{"type":"function","function":{{"name":"bad name"}}}}]}}"#), "tools[0].function.name"),
+            (format!(r#"{{"model":"auto",{user},"tools":[{{"type":"function","function":{{"name":"f","parameters":"x"}}}}]}}"#), "tools[0].function.parameters"),
+            (format!(r#"{{"model":"auto",{user},"functions":[{{"name":"f"}}]}}"#), "functions"),
+            (format!(r#"{{"model":"auto",{user},"modalities":["text","audio"]}}"#), "modalities"),
+            (format!(r#"{{"model":"auto",{user},"top_logprobs":30}}"#), "top_logprobs"),
+            (format!(r#"{{"model":"auto",{user},"response_format":{{"type":"json_schema","json_schema":{{"name":"has space","schema":{{}}}}}}}}"#), "response_format.json_schema.name"),
+            (r#"{"model":"auto","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"ftp://x/y.png"}}]}]}"#.to_owned(), "messages.[0].content"),
+        ];
+        for (body, param) in cases {
+            let err = parse(&body).unwrap_err();
+            assert_eq!(err.param.as_deref(), Some(param), "{body}: {}", err.message);
+        }
+        let (messages, params) = parse(
+            r#"{"model":"auto","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"https://example.com/cat.png"}}]}],
+               "tool_choice":"none","response_format":{"type":"json_schema","json_schema":{"name":"out","strict":true,"schema":{"type":"object"}}}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            messages[0].images,
+            vec![Image::Url("https://example.com/cat.png".into())]
+        );
+        assert_eq!(params.tool_choice, Some(ToolChoice::None));
+        assert!(
+            matches!(params.format, Some(OutputFormat::JsonSchema(JsonSchema { ref name, strict: Some(true), .. })) if name == "out")
+        );
+    }
 }

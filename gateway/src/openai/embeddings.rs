@@ -3,6 +3,7 @@
 use serde::Deserialize;
 
 use crate::error::ApiError;
+use crate::providers::EmbedInput;
 
 /// Most inputs in one request, as OpenAI allows.
 const MAX_INPUTS: usize = 2048;
@@ -40,30 +41,30 @@ pub enum EncodingFormat {
 }
 
 impl EmbeddingRequest {
-    /// The texts to embed, checked the way OpenAI checks them.
-    pub fn texts(&self) -> Result<Vec<String>, ApiError> {
-        let texts = match &self.input {
-            EmbeddingInput::One(s) => vec![s.clone()],
-            EmbeddingInput::Many(v) => v.clone(),
-            EmbeddingInput::Tokens(_) | EmbeddingInput::TokenBatches(_) => {
-                return Err(ApiError::invalid_request(
-                    "Token-array inputs are not supported by this gateway; send the text instead.",
-                    Some("input".into()),
-                ));
-            }
+    /// What to embed, checked the way OpenAI checks it.
+    pub fn inputs(&self) -> Result<EmbedInput, ApiError> {
+        let inputs = match &self.input {
+            EmbeddingInput::One(s) => EmbedInput::Texts(vec![s.clone()]),
+            EmbeddingInput::Many(v) => EmbedInput::Texts(v.clone()),
+            EmbeddingInput::Tokens(t) => EmbedInput::Tokens(vec![t.clone()]),
+            EmbeddingInput::TokenBatches(t) => EmbedInput::Tokens(t.clone()),
         };
-        if texts.is_empty() || texts.len() > MAX_INPUTS {
+        if inputs.is_empty() || inputs.len() > MAX_INPUTS {
             return Err(ApiError::invalid_request(
                 format!(
                     "Invalid 'input': expected between 1 and {MAX_INPUTS} inputs, got {}.",
-                    texts.len()
+                    inputs.len()
                 ),
                 Some("input".into()),
             ));
         }
-        if texts.iter().any(String::is_empty) {
+        let empty = match &inputs {
+            EmbedInput::Texts(t) => t.iter().any(String::is_empty),
+            EmbedInput::Tokens(t) => t.iter().any(Vec::is_empty),
+        };
+        if empty {
             return Err(ApiError::invalid_request(
-                "Invalid 'input': an input is an empty string.",
+                "Invalid 'input': an input is empty.",
                 Some("input".into()),
             ));
         }
@@ -73,6 +74,6 @@ impl EmbeddingRequest {
                 Some("dimensions".into()),
             ));
         }
-        Ok(texts)
+        Ok(inputs)
     }
 }

@@ -40,7 +40,7 @@ use serde_json::{json, Map, Value};
 
 use super::http::{listed, Upstream};
 use super::tools::arguments_object;
-use super::turns::{alternating, system_text, Side};
+use super::turns::{alternating, system_text_with, Side};
 use super::{
     ChatEvent, ChatProvider, ChatRequest, ChatStream, Embeddings, FinishReason, Image, Message,
     OutputFormat, ProviderError, ToolCallDelta, ToolChoice, Usage,
@@ -340,28 +340,6 @@ fn answer_tool(request: &ChatRequest) -> Option<AnswerTool<'_>> {
 /// The forced tool's name for `json_object`.
 const JSON_TOOL: &str = "json_answer";
 
-/// The system prompt: every system message, then, when JSON is asked for alongside client
-/// tools, the instruction that stands in for OpenAI's JSON mode.
-fn system_prompt(request: &ChatRequest, forced: bool) -> Option<String> {
-    let mut parts: Vec<String> = system_text(&request.messages).into_iter().collect();
-    match &request.params.format {
-        Some(_) if forced => {}
-        Some(OutputFormat::Json) => parts.push(JSON_ONLY.to_owned()),
-        Some(OutputFormat::JsonSchema(s)) => {
-            parts.push(format!(
-                "{JSON_ONLY} The JSON must conform to this JSON Schema:\n{}",
-                s.schema
-            ));
-        }
-        None => {}
-    }
-    (!parts.is_empty()).then(|| parts.join("\n\n"))
-}
-
-/// The instruction that stands in for OpenAI's JSON mode when a tool cannot be forced.
-const JSON_ONLY: &str = "Respond with a single valid JSON value and nothing else: no text \
-    before or after it and no Markdown code fences.";
-
 /// Anthropic's `tool_choice` for the request's.
 fn tool_choice<'a>(
     request: &'a ChatRequest,
@@ -418,7 +396,9 @@ pub fn chat_body(request: &ChatRequest) -> ChatBody<'_> {
         })
         .collect();
     let choice = tool_choice(request, forced.as_ref());
-    let system = system_prompt(request, forced.is_some());
+    // When JSON is asked for alongside client tools, the system prompt asks for it.
+    let in_words = request.params.format.as_ref().filter(|_| forced.is_none());
+    let system = system_text_with(&request.messages, in_words);
     if let Some(tool) = forced {
         tools.push(WireTool {
             name: tool.name,
@@ -532,6 +512,7 @@ struct WireError {
 }
 
 #[derive(Debug, Deserialize)]
+#[expect(clippy::struct_field_names, reason = "Anthropic's own field names")]
 struct WireUsage {
     #[serde(default)]
     input_tokens: Option<u64>,
@@ -1042,7 +1023,10 @@ mod tests {
         };
         let body = chat_body(&request(vec![msg(Role::User, "count")], with_tools));
         let system = body["system"].as_str().unwrap();
-        assert!(system.starts_with("Respond with a single valid JSON value"));
+        assert!(
+            system.starts_with("Respond with a single valid JSON value"),
+            "{system}"
+        );
         assert!(system.ends_with(&schema.to_string()), "{system}");
         assert_eq!(body["tools"].as_array().unwrap().len(), 1);
         assert!(body.get("tool_choice").is_none());
@@ -1454,6 +1438,73 @@ mod tests {
                 .map(|m| m["role"].as_str().unwrap())
                 .collect();
             prop_assert!(roles.windows(2).all(|w| w[0] != w[1]), "roles alternate: {:?}", roles);
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn tool_conversations_survive_translation(
+            messages in crate::providers::test_support::arb_tool_conversation(),
+            cuts in prop::collection::vec(0usize..64, 0..6),
+        ) {
+            let body = chat_body(&request(messages.clone(), ChatParams::default()));
+            // Every call becomes a tool_use with a valid id, answered by a tool_result with
+            // the same id at the head of the next user turn, in order.
+            let valid = |id: &str| !id.is_empty() && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            let turns = body["messages"].as_array().unwrap();
+            let mut uses = Vec::new();
+            let mut results = Vec::new();
+            for (t, turn) in turns.iter().enumerate() {
+                let blocks = turn["content"].as_array().cloned().unwrap_or_default();
+                let ids_used: Vec<&str> = blocks.iter().filter(|b| b["type"] == "tool_use").map(|b| b["id"].as_str().unwrap()).collect();
+                for b in blocks.iter().filter(|b| b["type"] == "tool_use") {
+                    uses.push((b["id"].as_str().unwrap().to_owned(), b["name"].as_str().unwrap().to_owned(), b["input"].clone()));
+                }
+                if !ids_used.is_empty() {
+                    let next = turns[t + 1]["content"].as_array().unwrap();
+                    let answered: Vec<&str> = next.iter().take_while(|b| b["type"] == "tool_result").map(|b| b["tool_use_id"].as_str().unwrap()).collect();
+                    prop_assert_eq!(answered, ids_used);
+                }
+                for b in blocks.iter().filter(|b| b["type"] == "tool_result") {
+                    results.push((b["tool_use_id"].as_str().unwrap().to_owned(), b["content"].as_str().unwrap_or_default().to_owned()));
+                }
+            }
+            let calls: Vec<&crate::providers::ToolCall> = messages.iter().flat_map(|m| &m.tool_calls).collect();
+            prop_assert_eq!(uses.len(), calls.len());
+            for ((id, name, input), call) in uses.iter().zip(&calls) {
+                prop_assert!(valid(id), "{}", id);
+                prop_assert_eq!(id, &tool_id(&call.id));
+                prop_assert_eq!(name, &call.name);
+                prop_assert_eq!(input, &serde_json::from_str::<Value>(&call.arguments).unwrap());
+            }
+            let distinct: std::collections::HashSet<&String> = uses.iter().map(|u| &u.0).collect();
+            prop_assert_eq!(distinct.len(), uses.len());
+            let answers: Vec<(String, String)> = messages.iter().filter_map(|m| m.tool_call_id.as_ref().map(|id| (tool_id(id), m.content.clone()))).collect();
+            prop_assert_eq!(results, answers);
+
+            // And back: the last round's calls as Anthropic streams them, input cut anywhere.
+            let last = &messages.iter().rev().find(|m| !m.tool_calls.is_empty()).unwrap().tool_calls;
+            let mut events = vec![message_start(5)];
+            for (i, call) in last.iter().enumerate() {
+                let id = format!("toolu_{i}");
+                events.push(("content_block_start", json!({"type": "content_block_start", "index": i,
+                    "content_block": {"type": "tool_use", "id": id, "name": call.name, "input": {}}})));
+                for piece in crate::providers::test_support::fragments(&call.arguments, &cuts) {
+                    events.push(("content_block_delta", json!({"type": "content_block_delta", "index": i,
+                        "delta": {"type": "input_json_delta", "partial_json": piece}})));
+                }
+            }
+            events.push(message_delta("tool_use", 9));
+            events.push(message_stop());
+            let read: Vec<ChatEvent> = futures::executor::block_on(run(&events)).into_iter().map(Result::unwrap).collect();
+            let assembled = crate::providers::test_support::assemble(&read);
+            prop_assert_eq!(assembled.len(), last.len());
+            for (i, (got, sent)) in assembled.iter().zip(last).enumerate() {
+                prop_assert_eq!(&got.id, &format!("toolu_{i}"));
+                prop_assert_eq!(&got.name, &sent.name);
+                prop_assert_eq!(&got.arguments, &sent.arguments);
+            }
+            prop_assert_eq!(read.last(), Some(&ChatEvent::Finish(FinishReason::ToolCalls)));
         }
     }
 }

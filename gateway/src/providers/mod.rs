@@ -243,6 +243,28 @@ pub enum ChatEvent {
 /// A streamed answer.
 pub type ChatStream = Pin<Box<dyn Stream<Item = Result<ChatEvent, ProviderError>> + Send>>;
 
+/// What to embed: texts, or token arrays (OpenAI's token ids, which only OpenAI's models
+/// read).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EmbedInput {
+    Texts(Vec<String>),
+    Tokens(Vec<Vec<u32>>),
+}
+
+impl EmbedInput {
+    /// How many inputs there are.
+    pub fn len(&self) -> usize {
+        match self {
+            EmbedInput::Texts(t) => t.len(),
+            EmbedInput::Tokens(t) => t.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// Embedding vectors and what they cost in tokens.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Embeddings {
@@ -344,6 +366,20 @@ pub trait ChatProvider: Send + Sync + 'static {
 
     /// Embeds `inputs` with `model`.
     async fn embed(&self, model: &str, inputs: &[String]) -> Result<Embeddings, ProviderError>;
+
+    /// Embeds token arrays with `model`. Only OpenAI reads OpenAI's token ids; the router
+    /// never sends token arrays elsewhere, and this default refuses them.
+    async fn embed_tokens(
+        &self,
+        model: &str,
+        _tokens: &[Vec<u32>],
+    ) -> Result<Embeddings, ProviderError> {
+        Err(ProviderError::Status {
+            provider: self.provider().as_str(),
+            status: 400,
+            message: format!("token-array inputs cannot be embedded with `{model}`"),
+        })
+    }
 
     /// The model ids the upstream offers.
     async fn models(&self) -> Result<Vec<String>, ProviderError>;

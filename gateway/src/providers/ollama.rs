@@ -353,7 +353,9 @@ impl ChatProvider for Ollama {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::providers::test_support::{arb_tool_conversation, assemble};
     use crate::providers::{ChatParams, Message, Role};
+    use proptest::prelude::*;
 
     #[test]
     fn chat_body_maps_openai_settings_to_ollama_options() {
@@ -407,5 +409,39 @@ mod tests {
             })
         );
         assert!(line_events(&http, &json!({"error": "model crashed"})).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn tool_conversations_survive_translation(messages in arb_tool_conversation()) {
+            let req = ChatRequest { model: "llama3.2".into(), messages: messages.clone(), params: ChatParams::default() };
+            let body = serde_json::to_value(chat_body(&req)).unwrap();
+            let wire = body["messages"].as_array().unwrap();
+            prop_assert_eq!(wire.len(), messages.len());
+            let names: std::collections::HashMap<&str, &str> = messages.iter().flat_map(|m| &m.tool_calls)
+                .map(|c| (c.id.as_str(), c.name.as_str())).collect();
+            for (sent, original) in wire.iter().zip(&messages) {
+                let calls: Vec<(String, Value)> = sent["tool_calls"].as_array().into_iter().flatten()
+                    .map(|c| (c["function"]["name"].as_str().unwrap().to_owned(), c["function"]["arguments"].clone())).collect();
+                let expected: Vec<(String, Value)> = original.tool_calls.iter()
+                    .map(|c| (c.name.clone(), serde_json::from_str(&c.arguments).unwrap())).collect();
+                prop_assert_eq!(calls, expected);
+                let tool_name = original.tool_call_id.as_deref().map(|id| names[id]);
+                prop_assert_eq!(sent["tool_name"].as_str(), tool_name);
+            }
+            // And back: Ollama sends each call whole, arguments as an object.
+            let calls = &messages.iter().rev().find(|m| !m.tool_calls.is_empty()).unwrap().tool_calls;
+            let line = json!({"message": {"role": "assistant", "content": "", "tool_calls": calls.iter().map(|c|
+                json!({"function": {"name": c.name, "arguments": serde_json::from_str::<Value>(&c.arguments).unwrap()}})).collect::<Vec<_>>()},
+                "done": false});
+            let http = crate::providers::test_support::http("ollama");
+            let read = assemble(&LineReader::default().read(&http, line).unwrap());
+            prop_assert_eq!(read.len(), calls.len());
+            for (got, sent) in read.iter().zip(calls) {
+                prop_assert_eq!(&got.name, &sent.name);
+                prop_assert_eq!(serde_json::from_str::<Value>(&got.arguments).unwrap(), serde_json::from_str::<Value>(&sent.arguments).unwrap());
+                prop_assert!(got.id.starts_with("call_"));
+            }
+        }
     }
 }

@@ -491,21 +491,15 @@ impl ChatProvider for OpenAi {
     }
 
     async fn embed(&self, model: &str, inputs: &[String]) -> Result<Embeddings, ProviderError> {
-        let body = json!({"model": model, "input": inputs, "encoding_format": "float"});
-        let response = self
-            .send(self.post("/embeddings", &body), Some(model))
-            .await?;
-        let body = self.http.json(response).await?;
-        let embeddings = parse_embeddings(&body)
-            .map_err(|message| self.http.protocol(format!("bad embeddings: {message}")))?;
-        if embeddings.vectors.len() != inputs.len() {
-            return Err(self.http.protocol(format!(
-                "{} embeddings for {} inputs",
-                embeddings.vectors.len(),
-                inputs.len()
-            )));
-        }
-        Ok(embeddings)
+        self.embeddings(model, json!(inputs), inputs.len()).await
+    }
+
+    async fn embed_tokens(
+        &self,
+        model: &str,
+        tokens: &[Vec<u32>],
+    ) -> Result<Embeddings, ProviderError> {
+        self.embeddings(model, json!(tokens), tokens.len()).await
     }
 
     async fn models(&self) -> Result<Vec<String>, ProviderError> {
@@ -516,6 +510,31 @@ impl ChatProvider for OpenAi {
             .bearer_auth(&self.api_key);
         let body = self.http.json(self.send(call, None).await?).await?;
         Ok(listed(&body, "data", "id"))
+    }
+}
+
+impl OpenAi {
+    /// `POST /embeddings` for `count` inputs (texts or token arrays, as JSON).
+    async fn embeddings(
+        &self,
+        model: &str,
+        input: Value,
+        count: usize,
+    ) -> Result<Embeddings, ProviderError> {
+        let body = json!({"model": model, "input": input, "encoding_format": "float"});
+        let response = self
+            .send(self.post("/embeddings", &body), Some(model))
+            .await?;
+        let body = self.http.json(response).await?;
+        let embeddings = parse_embeddings(&body)
+            .map_err(|message| self.http.protocol(format!("bad embeddings: {message}")))?;
+        if embeddings.vectors.len() != count {
+            return Err(self.http.protocol(format!(
+                "{} embeddings for {count} inputs",
+                embeddings.vectors.len(),
+            )));
+        }
+        Ok(embeddings)
     }
 }
 
@@ -550,7 +569,9 @@ fn parse_embeddings(body: &Value) -> Result<Embeddings, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::providers::test_support::{arb_tool_conversation, assemble, fragments};
     use crate::providers::Image;
+    use crate::providers::ToolCall;
     use crate::providers::{ChatParams, Role};
     use proptest::prelude::*;
 
@@ -857,6 +878,41 @@ mod tests {
             // The body is plain JSON text that round-trips.
             let text = body.to_string();
             prop_assert_eq!(serde_json::from_str::<Value>(&text).unwrap(), body);
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn tool_conversations_survive_translation(
+            messages in arb_tool_conversation(),
+            cuts in prop::collection::vec(0usize..64, 0..6),
+        ) {
+            let req = ChatRequest { model: "gpt-4o".into(), messages: messages.clone(), params: ChatParams::default() };
+            let body = body(&req);
+            let wire = body["messages"].as_array().unwrap();
+            prop_assert_eq!(wire.len(), messages.len());
+            for (sent, original) in wire.iter().zip(&messages) {
+                prop_assert_eq!(sent["role"].as_str(), Some(original.role.as_str()));
+                prop_assert_eq!(sent["tool_call_id"].as_str(), original.tool_call_id.as_deref());
+                let calls: Vec<ToolCall> = sent["tool_calls"].as_array().into_iter().flatten().map(|c| ToolCall {
+                    id: c["id"].as_str().unwrap().to_owned(),
+                    name: c["function"]["name"].as_str().unwrap().to_owned(),
+                    arguments: c["function"]["arguments"].as_str().unwrap().to_owned(),
+                }).collect();
+                prop_assert_eq!(&calls, &original.tool_calls);
+            }
+            // And back: the last round's calls as OpenAI streams them, arguments cut anywhere.
+            let calls = &messages.iter().rev().find(|m| !m.tool_calls.is_empty()).unwrap().tool_calls;
+            let mut read = Vec::new();
+            for (i, c) in calls.iter().enumerate() {
+                read.extend(events(&json!({"choices": [{"index": 0, "delta": {"tool_calls": [
+                    {"index": i, "id": c.id, "type": "function", "function": {"name": c.name, "arguments": ""}}]}}]})));
+                for piece in fragments(&c.arguments, &cuts) {
+                    read.extend(events(&json!({"choices": [{"index": 0, "delta": {"tool_calls": [
+                        {"index": i, "function": {"arguments": piece}}]}}]})));
+                }
+            }
+            prop_assert_eq!(&assemble(&read), calls);
         }
     }
 }

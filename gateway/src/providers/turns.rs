@@ -2,7 +2,29 @@
 //! alternate (Anthropic, Gemini): system messages joined into one text, and the other
 //! messages as turns of two sides, neighbours of one side merged.
 
-use super::{Message, Role};
+use super::{Message, OutputFormat, Role};
+
+/// The system-prompt instruction that stands in for a response format where the provider's
+/// own cannot be used (alongside tools): JSON only, conforming to the schema if there is one.
+pub fn json_instruction(format: &OutputFormat) -> String {
+    const JSON_ONLY: &str = "Respond with a single valid JSON value and nothing else: no text \
+        before or after it and no Markdown code fences.";
+    match format {
+        OutputFormat::Json => JSON_ONLY.to_owned(),
+        OutputFormat::JsonSchema(s) => format!(
+            "{JSON_ONLY} The JSON must conform to this JSON Schema:\n{}",
+            s.schema
+        ),
+    }
+}
+
+/// The system text with the JSON instruction after it when `format` must be asked for in
+/// words; `None` when there is neither.
+pub fn system_text_with(messages: &[Message], format: Option<&OutputFormat>) -> Option<String> {
+    let mut parts: Vec<String> = system_text(messages).into_iter().collect();
+    parts.extend(format.map(json_instruction));
+    (!parts.is_empty()).then(|| parts.join("\n\n"))
+}
 
 /// The two sides of a conversation, as these providers see them: tool results are the
 /// user's side.

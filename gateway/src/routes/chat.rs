@@ -80,14 +80,14 @@ async fn fetch_images(
     for (index, message) in messages.iter_mut().enumerate() {
         for image in &mut message.images {
             let Image::Url(url) = image else { continue };
-            let fetched = fetcher.fetch(url).await.map_err(|err| {
+            let downloaded = fetcher.fetch(url).await.map_err(|err| {
                 tracing::info!(%err, "refused a remote image");
                 ApiError::invalid_request(
                     err.message(),
                     Some(format!("messages.[{index}].content")),
                 )
             })?;
-            *image = Image::base64(fetched.media_type, fetched.data_base64);
+            *image = Image::base64(downloaded.media_type, downloaded.data_base64);
         }
     }
     Ok(messages)

@@ -18,6 +18,7 @@ use crate::exchange::EmbedJob;
 use crate::nself::Features;
 use crate::openai::embeddings::{EmbeddingRequest, EncodingFormat};
 use crate::openai::{encode, parse_body};
+use crate::providers::EmbedInput;
 use crate::routes::RequestId;
 use crate::state::AppState;
 
@@ -31,7 +32,7 @@ pub async fn create(
     let started = Instant::now();
     let body = body_or_error(body, state.settings.max_body_bytes)?;
     let request: EmbeddingRequest = parse_body(&body)?;
-    let inputs = request.texts()?;
+    let inputs = request.inputs()?;
     Features::requested(&headers, key.record.admin_allowed)?;
     let job = EmbedJob {
         deps: state.exchange_deps(),
@@ -43,7 +44,10 @@ pub async fn create(
             false,
             started,
         ),
-        plan: state.router.embed_plan(&request.model),
+        plan: match inputs {
+            EmbedInput::Texts(_) => state.router.embed_plan(&request.model),
+            EmbedInput::Tokens(_) => state.router.embed_tokens_plan()?,
+        },
         inputs,
     };
     let reply = job

@@ -3,6 +3,7 @@
 //! ```text
 //! fake-upstream ollama|gemini|openai|anthropic --listen ADDR
 //!     [--reply TEXT] [--chunk-delay-ms N] [--fail-status CODE] [--api-key KEY]
+//!     [--tool-call NAME=JSON]...
 //! ```
 //!
 //! Prints `listening on http://ADDR` (the bound address, so port 0 works; for `openai` the
@@ -10,16 +11,21 @@
 //! connections. `openai` and `anthropic` then print `api-key KEY`, the key they accept
 //! (`--api-key` chooses it; the fakes' defaults otherwise). `--fail-status` makes chat and
 //! embeddings answer that HTTP status with the provider's own error body, for fall-through
-//! tests. Used by the benchmark and the Python and Node end-to-end tests.
+//! tests. Each `--tool-call NAME=JSON` (JSON an object) scripts a tool call: a chat that offers
+//! a tool `NAME` is answered with a call of it with those arguments, in the provider's own
+//! format (see `claw_tests::fake_server`), and a chat ending in tool results is answered
+//! `Tool results: ...`. Used by the benchmark and the Python and Node end-to-end tests.
 
 use std::io::Write;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use claw_tests::fake_server::ToolPlan;
 use claw_tests::{fake_anthropic, fake_gemini, fake_ollama, fake_openai};
 
 const USAGE: &str = "usage: fake-upstream ollama|gemini|openai|anthropic --listen ADDR \
-                     [--reply TEXT] [--chunk-delay-ms N] [--fail-status CODE] [--api-key KEY]";
+                     [--reply TEXT] [--chunk-delay-ms N] [--fail-status CODE] [--api-key KEY] \
+                     [--tool-call NAME=JSON]...";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Provider {
@@ -38,6 +44,8 @@ struct Options {
     chunk_delay: Option<Duration>,
     fail_status: Option<u16>,
     api_key: Option<String>,
+    /// Scripted tool calls, in order.
+    tool_calls: Vec<ToolPlan>,
 }
 
 fn parse(args: &[String]) -> Result<Options, String> {
@@ -54,6 +62,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
     let mut chunk_delay = None;
     let mut fail_status = None;
     let mut api_key = None;
+    let mut tool_calls = Vec::new();
     let mut it = rest.iter();
     while let Some(flag) = it.next() {
         let value = it
@@ -81,6 +90,8 @@ fn parse(args: &[String]) -> Result<Options, String> {
                 }
                 api_key = Some(value.clone());
             }
+            "--tool-call" => tool_calls
+                .push(ToolPlan::parse(value).map_err(|e| format!("--tool-call: {e}\n{USAGE}"))?),
             _ => return Err(format!("unknown flag {flag}\n{USAGE}")),
         }
     }
@@ -91,6 +102,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         chunk_delay,
         fail_status,
         api_key,
+        tool_calls,
     })
 }
 
@@ -133,6 +145,7 @@ macro_rules! tuned {
             b.chunk_delay = delay;
         }
         b.fail_status = $o.fail_status;
+        b.tool_calls.extend($o.tool_calls.iter().cloned());
         b
     }};
 }
@@ -226,6 +239,18 @@ mod tests {
         assert_eq!(o.chunk_delay, Some(Duration::from_millis(5)));
         assert_eq!(o.fail_status, Some(500));
         assert_eq!(o.api_key.as_deref(), Some("k"));
+        assert!(o.tool_calls.is_empty());
+        let o = parse(&args(
+            r#"gemini --listen 127.0.0.1:0 --tool-call get_weather={"city":"Paris"} --tool-call now={}"#,
+        ))
+        .unwrap();
+        assert_eq!(
+            o.tool_calls,
+            [
+                ToolPlan::new("get_weather", serde_json::json!({"city": "Paris"})),
+                ToolPlan::new("now", serde_json::json!({}))
+            ]
+        );
         for (name, p) in [
             ("ollama", Provider::Ollama),
             ("gemini", Provider::Gemini),
@@ -251,6 +276,9 @@ mod tests {
             "ollama --listen 127.0.0.1:0 --fail-status 200",
             "ollama --listen 127.0.0.1:0 --api-key k",
             "gemini --listen 127.0.0.1:0 --colour red",
+            "openai --listen 127.0.0.1:0 --tool-call get_weather",
+            "openai --listen 127.0.0.1:0 --tool-call f=[1]",
+            "openai --listen 127.0.0.1:0 --tool-call ={}",
         ] {
             assert!(parse(&args(bad)).is_err(), "{bad:?} was accepted");
         }
@@ -273,5 +301,26 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(gemini.api_key(), None);
+    }
+
+    #[tokio::test]
+    async fn scripted_tool_calls_reach_the_fake() {
+        let command = r#"ollama --listen 127.0.0.1:0 --tool-call lookup={"q":"x"}"#;
+        let ollama = start(parse(&args(command)).unwrap()).await.unwrap();
+        let body = serde_json::json!({"model": "llama3.2", "stream": false,
+            "messages": [{"role": "user", "content": "find x"}],
+            "tools": [{"type": "function", "function": {"name": "lookup"}}]});
+        let answer: serde_json::Value = reqwest::Client::new()
+            .post(format!("{}/api/chat", ollama.base_url()))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let function = &answer["message"]["tool_calls"][0]["function"];
+        assert_eq!(function["name"], "lookup");
+        assert_eq!(function["arguments"], serde_json::json!({"q": "x"}));
     }
 }

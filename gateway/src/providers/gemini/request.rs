@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 
 use super::schema::gemini_schema;
 use crate::providers::tools::{arguments_object, names_by_call_id, result_object};
-use crate::providers::turns::{alternating, system_text, Side};
+use crate::providers::turns::{alternating, system_text_with, Side};
 use crate::providers::{ChatRequest, Message, OutputFormat, ToolChoice};
 
 /// The request body.
@@ -160,8 +160,12 @@ pub fn chat_body(request: &ChatRequest) -> ChatBody {
                 },
             }
         });
+    // Gemini refuses a JSON response type alongside function declarations: with tools, the
+    // system instruction asks for JSON instead.
+    let in_words = p.format.as_ref().filter(|_| !tools.is_empty());
     let (response_mime_type, response_schema) = match &p.format {
         None => (None, None),
+        Some(_) if in_words.is_some() => (None, None),
         Some(OutputFormat::Json) => (Some("application/json"), None),
         Some(OutputFormat::JsonSchema(s)) => {
             (Some("application/json"), Some(gemini_schema(&s.schema)))
@@ -169,8 +173,10 @@ pub fn chat_body(request: &ChatRequest) -> ChatBody {
     };
     ChatBody {
         contents: contents(&request.messages),
-        system_instruction: system_text(&request.messages).map(|text| SystemInstruction {
-            parts: [Part::Text(text)],
+        system_instruction: system_text_with(&request.messages, in_words).map(|text| {
+            SystemInstruction {
+                parts: [Part::Text(text)],
+            }
         }),
         generation_config: GenerationConfig {
             temperature: p.temperature,
@@ -392,6 +398,35 @@ mod tests {
             let expected_images: usize = messages.iter()
                 .filter(|m| m.role != Role::System).map(|m| m.images.len()).sum();
             prop_assert_eq!(images, expected_images);
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn tool_conversations_survive_translation(messages in crate::providers::test_support::arb_tool_conversation()) {
+            let body = body_of(&request(messages.clone(), ChatParams::default()));
+            let mut calls = Vec::new();
+            let mut responses = Vec::new();
+            for content in body["contents"].as_array().unwrap() {
+                for part in content["parts"].as_array().unwrap() {
+                    if let Some(call) = part.get("functionCall") {
+                        prop_assert_eq!(content["role"].as_str(), Some("model"));
+                        calls.push((call["name"].as_str().unwrap().to_owned(), call["args"].clone()));
+                    }
+                    if let Some(response) = part.get("functionResponse") {
+                        prop_assert_eq!(content["role"].as_str(), Some("user"));
+                        responses.push((response["name"].as_str().unwrap().to_owned(), response["response"].clone()));
+                    }
+                }
+            }
+            let sent: Vec<(String, Value)> = messages.iter().flat_map(|m| &m.tool_calls)
+                .map(|c| (c.name.clone(), serde_json::from_str(&c.arguments).unwrap())).collect();
+            prop_assert_eq!(calls, sent);
+            // Each result is named after the call it answers (Gemini pairs them by name).
+            let names = names_by_call_id(&messages);
+            let answered: Vec<(String, Value)> = messages.iter().filter_map(|m| m.tool_call_id.as_ref().map(|id|
+                (names[id.as_str()].to_owned(), Value::Object(result_object(&m.content))))).collect();
+            prop_assert_eq!(responses, answered);
         }
     }
 }

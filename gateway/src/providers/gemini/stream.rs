@@ -79,6 +79,7 @@ struct FunctionCall {
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
+#[expect(clippy::struct_field_names, reason = "Google's own field names")]
 struct UsageMetadata {
     #[serde(default)]
     prompt_token_count: Option<u64>,
