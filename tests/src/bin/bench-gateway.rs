@@ -9,7 +9,10 @@
 //!   latency), throughput and errors.
 //! - `ttft`: the same, with streamed requests (`"stream": true`), timing the first
 //!   non-empty content (an NDJSON `message.content` directly, an SSE
-//!   `choices[0].delta.content` through the gateway) and the whole stream.
+//!   `choices[0].delta.content` through the gateway) and the whole stream. With `--tools`,
+//!   the same streamed request offering a function runs next to the plain one, directly
+//!   and through the gateway: the fake answers it with a call, and its first tool-call
+//!   delta is the first token.
 //! - `streams`: opens `--count` streams through the gateway at once, each lasting
 //!   seconds, and samples the gateway's resident memory while all of them are open.
 //!
@@ -173,6 +176,10 @@ struct TtftArgs {
     /// first chunk is not delayed, so it does not change the time to first token.
     #[arg(long, default_value_t = 20)]
     chunk_delay_ms: u64,
+    /// Also time a tool-calling reply: the same streamed request offering a function, which
+    /// the fake answers with a call (directly and through the gateway, after the plain runs).
+    #[arg(long)]
+    tools: bool,
     #[command(flatten)]
     common: Common,
 }
@@ -216,9 +223,11 @@ type Error = Box<dyn std::error::Error + Send + Sync>;
 enum Wire {
     /// Read to the end, unparsed.
     Whole,
-    /// Ollama's NDJSON stream: first `message.content`, ends with `"done": true`.
+    /// Ollama's NDJSON stream: first `message.content` (or `message.tool_calls`), ends with
+    /// `"done": true`.
     Ndjson,
-    /// The gateway's SSE stream: first `choices[0].delta.content`, ends with `data: [DONE]`.
+    /// The gateway's SSE stream: first `choices[0].delta.content` (or `.tool_calls`), ends
+    /// with `data: [DONE]`.
     Sse,
 }
 
@@ -396,12 +405,16 @@ impl StreamScan {
             self.error.get_or_insert_with(|| snippet(&message));
             return;
         }
-        let content = if wire == Wire::Sse {
-            &v["choices"][0]["delta"]["content"]
+        let message = if wire == Wire::Sse {
+            &v["choices"][0]["delta"]
         } else {
-            &v["message"]["content"]
+            &v["message"]
         };
-        if content.as_str().is_some_and(|c| !c.is_empty()) {
+        let text = message["content"].as_str().is_some_and(|c| !c.is_empty());
+        let calls = message["tool_calls"]
+            .as_array()
+            .is_some_and(|c| !c.is_empty());
+        if text || calls {
             self.content = true;
         }
         if wire == Wire::Ndjson && v["done"] == true {
@@ -769,11 +782,11 @@ fn percentile_rows(out: &mut String, title: &str, rows: &[(&str, &Value)]) {
     let _ = writeln!(out, "{title}");
     let _ = writeln!(
         out,
-        "  {:<10}{:>10}{:>10}{:>10}{:>10}",
+        "  {:<14}{:>10}{:>10}{:>10}{:>10}",
         "", "p50", "p90", "p99", "max"
     );
     for (name, d) in rows {
-        let _ = write!(out, "  {name:<10}");
+        let _ = write!(out, "  {name:<14}");
         for (p, _) in PERCENTILES {
             let _ = write!(out, "{:>10}", ms(&d[format!("{p}_us")]));
         }
@@ -879,9 +892,12 @@ fn disk_probe(dir: &Path, rate: f64, secs: f64) -> std::io::Result<Value> {
     Ok(json!({"count": count, "sync": distribution(took), "due": distribution(from_due)}))
 }
 
+/// The latency runs' targets, in the order they run and print.
+const TARGETS: [&str; 4] = ["direct", "gateway", "direct_tools", "gateway_tools"];
+
 /// Error details and the gateway's warnings, if the report has any.
 fn problems(out: &mut String, report: &Value) {
-    for name in ["direct", "gateway", "streams"] {
+    for name in TARGETS.iter().chain(&["streams"]) {
         if let Some(details) = report[name]["error_details"].as_object() {
             let _ = writeln!(out, "{name} errors:");
             for (detail, n) in details {
@@ -911,13 +927,15 @@ fn table(report: &Value, sections: &[(&str, &str)]) -> String {
     let _ = writeln!(out, "load: {}\n", report["load"]);
     for (what, title) in sections {
         let mut rows: Vec<(&str, &Value)> = Vec::new();
-        for name in ["direct", "gateway"] {
+        for name in ["direct", "gateway", "added"] {
             if let Some(r) = report.get(name) {
                 rows.push((name, &r[what]));
             }
         }
-        if let Some(a) = report.get("added") {
-            rows.push(("added", &a[what]));
+        for name in ["direct_tools", "gateway_tools", "added_tools"] {
+            if let Some(r) = report.get(name) {
+                rows.push((name, &r[what]));
+            }
         }
         percentile_rows(&mut out, title, &rows);
     }
@@ -953,11 +971,11 @@ fn table(report: &Value, sections: &[(&str, &str)]) -> String {
             &[("from due", &disk["due"]), ("each sync", &disk["sync"])],
         );
     }
-    for name in ["direct", "gateway"] {
+    for name in TARGETS {
         if let Some(r) = report.get(name) {
             let _ = writeln!(
                 out,
-                "{name:<8} sent {} ok {} errors {} throughput {} req/s (offered {}), \
+                "{name:<13} sent {} ok {} errors {} throughput {} req/s (offered {}), \
                  send lag p99 {} ms, cpu cores {}",
                 r["sent"],
                 r["ok"],
@@ -1086,6 +1104,22 @@ impl Spawned {
 struct FakeConfig {
     reply: String,
     chunk_delay_ms: u64,
+    /// `NAME=JSON`: the call the fake makes when a request offers tools.
+    tool_call: Option<String>,
+}
+
+/// The function the `--tools` runs offer, and the call the fake answers them with.
+const TOOL_NAME: &str = "get_weather";
+const TOOL_CALL: &str =
+    r#"get_weather={"city":"Zurich","unit":"celsius","days":3,"details":["wind","rain"]}"#;
+
+fn offered_tools() -> Value {
+    json!({"tools": [{"type": "function", "function": {"name": TOOL_NAME,
+        "description": "The weather forecast for a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            "days": {"type": "integer"}, "details": {"type": "array", "items": {"type": "string"}}},
+            "required": ["city"]}}}]})
 }
 
 /// A reply of `words` words: `w1 w2 w3 …`, streamed one word per chunk.
@@ -1099,6 +1133,9 @@ fn reply_of(words: usize) -> String {
 async fn start_fake(bin_dir: &Path, fake: &FakeConfig) -> Result<(Child, String), Error> {
     let mut cmd = Command::new(bin_dir.join("fake-upstream"));
     cmd.args(["ollama", "--listen", "127.0.0.1:0", "--reply", &fake.reply]);
+    if let Some(call) = &fake.tool_call {
+        cmd.args(["--tool-call", call]);
+    }
     if fake.chunk_delay_ms > 0 {
         cmd.args(["--chunk-delay-ms", &fake.chunk_delay_ms.to_string()]);
     }
@@ -1420,6 +1457,15 @@ fn direct_target(env: &Env, model: &str, stream: bool, wire: Wire) -> Target {
     }
 }
 
+/// `body` (a JSON object) with `extra`'s fields merged in.
+fn with_fields(body: &bytes::Bytes, extra: &Value) -> bytes::Bytes {
+    let mut body: Value = serde_json::from_slice(body).unwrap_or_default();
+    if let (Some(body), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
+        body.extend(extra.clone());
+    }
+    body.to_string().into()
+}
+
 /// `POST /v1/chat/completions` on the gateway; `extra` is merged into the body.
 fn gateway_target(env: &Env, model: &str, wire: Wire, extra: &Value) -> Target {
     let mut body = json!({"model": model, "messages": messages()});
@@ -1462,6 +1508,7 @@ async fn run_whole(a: &WholeArgs, spawned: &mut Spawned) -> Result<Value, Error>
     let fake = FakeConfig {
         reply: a.reply.clone(),
         chunk_delay_ms: 0,
+        tool_call: None,
     };
     let max_inflight = a.common.max_inflight.unwrap_or(a.concurrency.max(256));
     let env = setup(&a.common, a.only, &fake, max_inflight, spawned).await?;
@@ -1517,6 +1564,7 @@ async fn run_ttft(a: &TtftArgs, spawned: &mut Spawned) -> Result<Value, Error> {
     let fake = FakeConfig {
         reply: reply_of(a.words),
         chunk_delay_ms: a.chunk_delay_ms,
+        tool_call: a.tools.then(|| TOOL_CALL.to_owned()),
     };
     let max_inflight = a.common.max_inflight.unwrap_or(a.concurrency.max(256));
     let env = setup(&a.common, a.only, &fake, max_inflight, spawned).await?;
@@ -1531,6 +1579,20 @@ async fn run_ttft(a: &TtftArgs, spawned: &mut Spawned) -> Result<Value, Error> {
     }
     if a.only != Only::Direct {
         targets.push(gateway_target(&env, &a.common.model, Wire::Sse, &json!({})));
+    }
+    if a.tools {
+        let tools = offered_tools();
+        if a.only != Only::Gateway {
+            let mut direct = direct_target(&env, &a.common.ollama_model, true, Wire::Ndjson);
+            direct.name = "direct_tools";
+            direct.body = with_fields(&direct.body, &tools);
+            targets.push(direct);
+        }
+        if a.only != Only::Direct {
+            let mut gateway = gateway_target(&env, &a.common.model, Wire::Sse, &tools);
+            gateway.name = "gateway_tools";
+            targets.push(gateway);
+        }
     }
     let load = Load {
         rate: a.rate,
@@ -1554,7 +1616,7 @@ fn add_gateway_problems(report: &mut Value, env: &Env, spawned: &mut Spawned) {
     if let Some(exit) = spawned.gateway_exit() {
         report["gateway_exited"] = exit.into();
     }
-    let failed = ["gateway", "streams"].iter().any(|name| {
+    let failed = ["gateway", "gateway_tools", "streams"].iter().any(|name| {
         report[name]["errors"]
             .as_object()
             .is_some_and(|e| !e.is_empty())
@@ -1598,12 +1660,17 @@ async fn run_latency(
         report[target.name] = summarize(samples, wall, load.rate, &cpu.finish(), load.streamed);
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    if let (Some(g), Some(d)) = (report.get("gateway"), report.get("direct")) {
-        let added: serde_json::Map<String, Value> = sections
-            .iter()
-            .map(|(what, _)| ((*what).to_owned(), added(g, d, what)))
-            .collect();
-        report["added"] = Value::Object(added);
+    for (gateway, direct, key) in [
+        ("gateway", "direct", "added"),
+        ("gateway_tools", "direct_tools", "added_tools"),
+    ] {
+        if let (Some(g), Some(d)) = (report.get(gateway), report.get(direct)) {
+            let added: serde_json::Map<String, Value> = sections
+                .iter()
+                .map(|(what, _)| ((*what).to_owned(), added(g, d, what)))
+                .collect();
+            report[key] = Value::Object(added);
+        }
     }
     report["machine"]["loadavg_after"] = json!(loadavg());
     Ok(report)
@@ -1633,6 +1700,7 @@ async fn run_streams(a: &StreamsArgs, spawned: &mut Spawned) -> Result<Value, Er
     let fake = FakeConfig {
         reply: reply_of(a.words),
         chunk_delay_ms: a.chunk_delay_ms,
+        tool_call: None,
     };
     let max_inflight = a.common.max_inflight.unwrap_or(a.count.max(256));
     let env = setup(&a.common, Only::Gateway, &fake, max_inflight, spawned).await?;
