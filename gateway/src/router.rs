@@ -1,5 +1,5 @@
 //! Routing: turns a requested model into a [`TierPlan`], the ordered attempts that may serve
-//! it (CONTRACT §3). It knows which tiers are configured, each provider's circuit and the
+//! it. It knows which tiers are configured, each provider's circuit and the
 //! local tier's capacity, and the models the upstreams report.
 //!
 //! - `auto`: local → free_gemini → api_key (OpenAI, then Anthropic), skipping what is not

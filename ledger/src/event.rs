@@ -1,5 +1,5 @@
 //! The ledger's vocabulary: the envelope every event travels in and the four event types
-//! (CONTRACT §4). Events are facts: once written they never change, and schema changes are
+//!. Events are facts: once written they never change, and schema changes are
 //! additive (a breaking change is a new `schema_version`).
 
 use chrono::{DateTime, SecondsFormat, Utc};

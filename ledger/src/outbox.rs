@@ -2,7 +2,7 @@
 //! local file and fsyncs it (group-committed on a dedicated thread: one `write` and one
 //! `fdatasync` for every record waiting), which costs a fraction of a ledger commit; a drainer
 //! then appends them to the ledger in batches, in order, retrying until the ledger takes them.
-//! CONTRACT §4 counts an event in a local fsync'ed outbox that is guaranteed to reach the
+//! The gateway counts an event in a local fsync'ed outbox that is guaranteed to reach the
 //! ledger as durable. On open, whatever a crash left in the file is appended first (the
 //! ledger ignores `event_id`s it already has).
 //!

@@ -1,5 +1,5 @@
 //! The read models' public shapes: what the CLI prints with `--json` and the admin API returns
-//! (CONTRACT §5). Field order follows the contract.
+//!. Field order is the documented one.
 
 use std::collections::BTreeMap;
 

@@ -234,6 +234,14 @@ struct LineCall {
     arguments: Value,
 }
 
+/// An `/api/embed` response.
+#[derive(Debug, Deserialize)]
+struct EmbedResponse {
+    embeddings: Vec<Vec<f32>>,
+    #[serde(default)]
+    prompt_eval_count: Option<u64>,
+}
+
 /// Reads a chat stream's lines; calls are numbered across the whole stream, since Ollama
 /// sends each whole, possibly on separate lines.
 #[derive(Default)]
@@ -323,10 +331,9 @@ impl ChatProvider for Ollama {
             .post(self.url("/api/embed"))
             .json(&json!({"model": model, "input": inputs}));
         let response = self.http.send(call).await.map_err(|e| e.for_model(model))?;
-        let body = self.http.json(response).await?;
-        let vectors: Vec<Vec<f32>> =
-            serde_json::from_value(body.get("embeddings").cloned().unwrap_or(Value::Null))
-                .map_err(|e| self.http.protocol(format!("bad embeddings: {e}")))?;
+        let body: EmbedResponse = serde_json::from_value(self.http.json(response).await?)
+            .map_err(|e| self.http.protocol(format!("bad embeddings: {e}")))?;
+        let vectors = body.embeddings;
         if vectors.len() != inputs.len() {
             return Err(self.http.protocol(format!(
                 "{} embeddings for {} inputs",
@@ -336,7 +343,7 @@ impl ChatProvider for Ollama {
         }
         Ok(Embeddings {
             vectors,
-            prompt_tokens: body.get("prompt_eval_count").and_then(Value::as_u64),
+            prompt_tokens: body.prompt_eval_count,
         })
     }
 

@@ -526,7 +526,7 @@ impl OpenAi {
             .send(self.post("/embeddings", &body), Some(model))
             .await?;
         let body = self.http.json(response).await?;
-        let embeddings = parse_embeddings(&body)
+        let embeddings = parse_embeddings(body)
             .map_err(|message| self.http.protocol(format!("bad embeddings: {message}")))?;
         if embeddings.vectors.len() != count {
             return Err(self.http.protocol(format!(
@@ -538,31 +538,36 @@ impl OpenAi {
     }
 }
 
+/// An embeddings response, the parts the gateway reads.
+#[derive(Debug, Deserialize)]
+struct EmbeddingList {
+    data: Vec<EmbeddingItem>,
+    #[serde(default)]
+    usage: Option<ChunkUsage>,
+}
+
+#[derive(Debug, Deserialize)]
+struct EmbeddingItem {
+    /// Some compatible servers leave it out; their order is the inputs'.
+    #[serde(default)]
+    index: Option<usize>,
+    embedding: Vec<f32>,
+}
+
 /// The vectors of an embeddings response, in input order (sorted by `index`), and its
 /// `usage.prompt_tokens`.
-fn parse_embeddings(body: &Value) -> Result<Embeddings, String> {
-    let data = body
-        .get("data")
-        .and_then(Value::as_array)
-        .ok_or("no `data` list")?;
-    let mut indexed = data
-        .iter()
+fn parse_embeddings(body: Value) -> Result<Embeddings, String> {
+    let list: EmbeddingList = serde_json::from_value(body).map_err(|e| e.to_string())?;
+    let mut indexed: Vec<(usize, Vec<f32>)> = list
+        .data
+        .into_iter()
         .enumerate()
-        .map(|(position, item)| {
-            let index = item
-                .get("index")
-                .and_then(Value::as_u64)
-                .unwrap_or_else(|| u64::try_from(position).unwrap_or(u64::MAX));
-            let vector: Vec<f32> =
-                serde_json::from_value(item.get("embedding").cloned().unwrap_or(Value::Null))
-                    .map_err(|e| format!("item {position}: {e}"))?;
-            Ok((index, vector))
-        })
-        .collect::<Result<Vec<_>, String>>()?;
+        .map(|(position, item)| (item.index.unwrap_or(position), item.embedding))
+        .collect();
     indexed.sort_by_key(|(index, _)| *index);
     Ok(Embeddings {
         vectors: indexed.into_iter().map(|(_, v)| v).collect(),
-        prompt_tokens: body.pointer("/usage/prompt_tokens").and_then(Value::as_u64),
+        prompt_tokens: list.usage.and_then(|u| u.prompt_tokens),
     })
 }
 
@@ -782,11 +787,11 @@ mod tests {
                 {"object": "embedding", "index": 0, "embedding": [1.0, -1.0]},
             ],
             "usage": {"prompt_tokens": 6, "total_tokens": 6}});
-        let e = parse_embeddings(&body).unwrap();
+        let e = parse_embeddings(body).unwrap();
         assert_eq!(e.vectors, vec![vec![1.0, -1.0], vec![0.5, 0.25]]);
         assert_eq!(e.prompt_tokens, Some(6));
-        assert!(parse_embeddings(&json!({"data": [{"index": 0, "embedding": "AAAA"}]})).is_err());
-        assert!(parse_embeddings(&json!({"object": "list"})).is_err());
+        assert!(parse_embeddings(json!({"data": [{"index": 0, "embedding": "AAAA"}]})).is_err());
+        assert!(parse_embeddings(json!({"object": "list"})).is_err());
     }
 
     #[test]

@@ -1,5 +1,4 @@
-//! The real `nself` binary as a child process: the CLI's human and JSON output (CONTRACT §1,
-//! §5), `api test`, `events --follow`, and the embedded ledger surviving a graceful restart,
+//! The real `nself` binary as a child process: the CLI's human and JSON output, `api test`, `events --follow`, and the embedded ledger surviving a graceful restart,
 //! a SIGTERM with a stream in flight, and a `kill -9` in the middle of a burst.
 
 use std::collections::{BTreeSet, HashSet};

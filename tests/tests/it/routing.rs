@@ -1,4 +1,4 @@
-//! The tier router across every model kind and tier state (CONTRACT §3): who served, the
+//! The tier router across every model kind and tier state: who served, the
 //! `TierFallback`s on the way, and what was accounted and charged.
 
 use std::collections::HashMap;
@@ -480,7 +480,8 @@ async fn local_capacity_spills_auto_to_the_free_tier() {
     );
 }
 
-async fn embed(gw: &TestGateway, key: &str, body: &Value) -> reqwest::Response {
+/// `POST /v1/embeddings` with `key` and `body`.
+pub async fn embed(gw: &TestGateway, key: &str, body: &Value) -> reqwest::Response {
     gw.http
         .post(format!("{}/v1/embeddings", gw.url))
         .bearer_auth(key)

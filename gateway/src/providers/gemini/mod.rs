@@ -185,14 +185,21 @@ impl Gemini {
             .call(|| self.http.client.post(&url).json(&body))
             .await
             .map_err(|e| e.for_model(model))?;
-        let body = self.http.json(response).await?;
-        serde_json::from_value(
-            body.pointer("/embedding/values")
-                .cloned()
-                .unwrap_or(Value::Null),
-        )
-        .map_err(|e| self.http.protocol(format!("bad embedding: {e}")))
+        let body: EmbedContentResponse = serde_json::from_value(self.http.json(response).await?)
+            .map_err(|e| self.http.protocol(format!("bad embedding: {e}")))?;
+        Ok(body.embedding.values)
     }
+}
+
+/// An `:embedContent` response.
+#[derive(Debug, serde::Deserialize)]
+struct EmbedContentResponse {
+    embedding: ContentEmbedding,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct ContentEmbedding {
+    values: Vec<f32>,
 }
 
 impl fmt::Debug for Gemini {
