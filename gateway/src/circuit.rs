@@ -96,6 +96,11 @@ impl Circuit {
     }
 
     /// `up`, `down`, or `probing`, for status reports.
+    /// Whether the provider is known down (open, not yet due for its probe or past it).
+    pub fn is_open(&self) -> bool {
+        matches!(*self.lock(), State::Open { .. })
+    }
+
     pub fn describe(&self) -> &'static str {
         match *self.lock() {
             State::Closed { .. } => "up",
@@ -118,8 +123,10 @@ mod tests {
         }
         circuit.failed();
         assert!(matches!(circuit.admit(), Admission::Down(_)));
+        assert!(circuit.is_open());
         std::thread::sleep(Duration::from_millis(40));
         assert_eq!(circuit.admit(), Admission::Allowed, "the probe");
+        assert!(!circuit.is_open(), "probing");
         assert!(
             matches!(circuit.admit(), Admission::Down(_)),
             "only one probe at a time"

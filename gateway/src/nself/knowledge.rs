@@ -198,7 +198,7 @@ impl KnowledgeBase {
             self.wanted.notify_one();
         }
         if let (Some(embedder), Some(vectors)) = (embedder, vectors) {
-            if embedder.backend.circuit.describe() != "down" {
+            if !embedder.backend.circuit.is_open() {
                 let question = [query.to_owned()];
                 let asked = embedder.backend.provider.embed(&embedder.model, &question);
                 match tokio::time::timeout(QUERY_EMBED_TIMEOUT, asked).await {
