@@ -49,8 +49,7 @@ class Weather(BaseModel):
 
 # The fakes answer a JSON schema with its minimal instance: every string "text", every
 # integer 7. Anthropic has no response format, so the gateway forces a tool named after the
-# schema and relays its input; the fake fills a forced tool nobody scripted with `{}`, so the
-# same instance is scripted for it (the other providers are never offered a tool by that name).
+# schema and relays its input, which the fake fills with the same instance.
 WEATHER_INSTANCE = Weather(city="text", temperature_c=7)
 
 TOOLS = {
@@ -110,7 +109,6 @@ def gw(tmp_path_factory):
         fakes = stack.fakes(
             "--tool-call", "get_weather=" + json.dumps(WEATHER_ARGS),
             "--tool-call", "get_time=" + json.dumps(TIME_ARGS),
-            "--tool-call", "Weather=" + WEATHER_INSTANCE.model_dump_json(),
         )
         yield stack.gateway("gateway", upstream_env(fakes), "agents")
     finally:

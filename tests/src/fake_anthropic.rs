@@ -12,8 +12,9 @@
 //! `not_found_error`, 429 `rate_limit_error` with `retry-after`, 500 `api_error`, 529
 //! `overloaded_error`); `max_tokens`, `model` and `messages` are required; roles are only
 //! `user`/`assistant`; `temperature` is 0–1; text blocks must not be blank; stop sequences
-//! must contain non-whitespace; a final assistant turn must not end in whitespace. Responses
-//! carry a `request-id` header.
+//! must contain non-whitespace; a final assistant turn must not end in whitespace; an image
+//! block's `source` is `base64` (JPEG, PNG, GIF or WebP `data`) or `url` (an http(s) `url`).
+//! Responses carry a `request-id` header.
 //!
 //! Tool use: with [`Behavior::tool_calls`] scripted and `tools` offered, the answer is
 //! `tool_use` blocks (`{"type":"tool_use","id":"toolu_<24 alnum>","name","input":{...}}`,
@@ -21,7 +22,9 @@
 //! block is a `content_block_start` carrying the block with `"input": {}`, then
 //! `input_json_delta` deltas (an empty `partial_json` first, then the input's JSON text in
 //! pieces of six characters), then `content_block_stop`. `tool_choice` `auto`, `any`, `none`,
-//! `{"type":"tool","name"}` and `disable_parallel_tool_use` are honoured. A conversation
+//! `{"type":"tool","name"}` and `disable_parallel_tool_use` are honoured; a call that
+//! `tool_choice` forces but nothing scripted gets a minimal instance of the tool's
+//! `input_schema` ([`schema_instance`]) as its input. A conversation
 //! ending in a user turn of `tool_result` blocks is answered `Tool results: <each result's
 //! text>; ...`. Anthropic's checks are copied: tool names match `^[a-zA-Z0-9_-]{1,128}$` and
 //! are unique, `input_schema` is required and of type `object`, `tool_choice` needs `tools`;
@@ -31,14 +34,14 @@
 //! next turn and every `tool_result` a `tool_use` in the turn before (Anthropic's wording);
 //! consecutive messages of one role count as one turn, as Anthropic combines them. Tool
 //! inputs and results count toward `input_tokens`. Anthropic has no JSON mode: structured
-//! output is a forced tool.
+//! output is a forced tool, answered with an instance of its schema.
 //!
 //! Behaviour is adjustable at runtime through [`FakeAnthropic::set_behavior`], and every
 //! request to `/v1/messages` is recorded (headers and body) for assertions.
 
 use crate::fake_server::{
-    alnum, any_local_port, bind, fragments, pieces, streamed_body, to_u64, tool_call_tokens,
-    tool_results_reply, trailing_run, Script, Serving, ToolAsk, ToolPlan,
+    alnum, any_local_port, bind, fragments, pieces, schema_instance, streamed_body, to_u64,
+    tool_call_tokens, tool_results_reply, trailing_run, Script, Serving, ToolAsk, ToolPlan,
 };
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -275,11 +278,19 @@ fn plain_block(block: &Value, at: &str) -> Result<String, String> {
         },
         Some("image") => {
             let source = &block["source"];
-            let media_ok = matches!(
-                source["media_type"].as_str(),
-                Some("image/jpeg" | "image/png" | "image/gif" | "image/webp")
-            );
-            if source["type"] != "base64" || !media_ok || !source["data"].is_string() {
+            let valid = match source["type"].as_str() {
+                Some("base64") => {
+                    matches!(
+                        source["media_type"].as_str(),
+                        Some("image/jpeg" | "image/png" | "image/gif" | "image/webp")
+                    ) && source["data"].is_string()
+                }
+                Some("url") => source["url"]
+                    .as_str()
+                    .is_some_and(|url| url.starts_with("https://") || url.starts_with("http://")),
+                _ => false,
+            };
+            if !valid {
                 return Err(format!("{at}.image.source: invalid"));
             }
             Ok(String::new())
@@ -565,6 +576,8 @@ struct Ask {
     prompt_chars: usize,
     /// The tool calls it allows.
     tools: ToolAsk,
+    /// Each custom tool's `input_schema`, by name.
+    input_schemas: HashMap<String, Value>,
     /// When the conversation ends in a user turn of tool results: their texts, in order.
     tool_results: Vec<String>,
 }
@@ -658,8 +671,24 @@ fn validate(req: &Value) -> Result<Ask, String> {
         stop_sequences,
         prompt_chars,
         tools,
+        input_schemas: input_schemas(req),
         tool_results,
     })
+}
+
+/// Each tool's `input_schema`, by tool name.
+fn input_schemas(req: &Value) -> HashMap<String, Value> {
+    req["tools"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| {
+            Some((
+                t["name"].as_str()?.to_owned(),
+                t.get("input_schema")?.clone(),
+            ))
+        })
+        .collect()
 }
 
 /// The text answer to `ask`: its pieces, stop reason and matched stop sequence.
@@ -687,14 +716,21 @@ fn answer(reply: &str, ask: &Ask) -> (Vec<String>, &'static str, Option<String>)
     (parts, stop_reason, matched)
 }
 
-/// The reply to a valid request: tool calls when the request allows those scripted, else
-/// text (quoting the tool results when the conversation ends in them).
+/// The reply to a valid request: tool calls when the request allows those scripted (a forced
+/// call nothing scripted filled with an instance of its tool's schema), else text (quoting
+/// the tool results when the conversation ends in them).
 fn plan_reply(shared: &Shared, b: &Behavior, ask: Ask) -> Reply {
-    let calls = if ask.tool_results.is_empty() {
+    let mut calls = if ask.tool_results.is_empty() {
         ask.tools.calls(&b.tool_calls)
     } else {
         Vec::new()
     };
+    for call in &mut calls {
+        let scripted = b.tool_calls.iter().any(|plan| plan.name == call.name);
+        if let (false, Some(schema)) = (scripted, ask.input_schemas.get(&call.name)) {
+            call.arguments = schema_instance(schema);
+        }
+    }
     let input_tokens = to_u64((ask.prompt_chars / 4).max(1));
     let id = shared.next_id("msg");
     if !calls.is_empty() {
@@ -1185,6 +1221,19 @@ mod tests {
             {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}},
             {"type": "text", "text": "what is it?"}]}]);
         assert_eq!(post(&fake, &image).await.status(), 200);
+        image["messages"][0]["content"][0]["source"] =
+            json!({"type": "url", "url": "https://example.com/cat.png"});
+        assert_eq!(post(&fake, &image).await.status(), 200);
+        for source in [
+            json!({"type": "url", "url": "ftp://example.com/cat.png"}),
+            json!({"type": "base64", "media_type": "image/bmp", "data": "Qk0="}),
+            json!({"type": "file", "file_id": "file_1"}),
+        ] {
+            image["messages"][0]["content"][0]["source"] = source;
+            let (status, kind, message) = refusal(image.clone()).await;
+            assert_eq!((status, kind.as_str()), (400, "invalid_request_error"));
+            assert_eq!(message, "messages.0.content.0.image.source: invalid");
+        }
     }
 
     fn tool(name: &str) -> Value {
@@ -1266,15 +1315,53 @@ mod tests {
         assert_eq!(v["content"][0]["text"], "Hello from the fake Anthropic.");
         assert_eq!(v["stop_reason"], "end_turn");
 
-        // `any` with nothing scripted for the offered tool: called with `{}`.
+        // `any` with nothing scripted for the offered tool: called with an instance of its
+        // schema.
         let mut body = tool_body(&["lookup"], false);
         body["tool_choice"] = json!({"type": "any"});
         assert_eq!(
             uses_of(&json_of(&fake, &body).await),
-            [("lookup".to_owned(), json!({}))]
+            [("lookup".to_owned(), json!({"city": "text"}))]
         );
         body.as_object_mut().unwrap().remove("tool_choice");
         assert_eq!(json_of(&fake, &body).await["stop_reason"], "end_turn");
+    }
+
+    #[tokio::test]
+    async fn a_forced_tool_nothing_scripted_is_filled_with_an_instance_of_its_schema() {
+        // Structured output as Anthropic is asked for it: one tool, forced.
+        let fake = FakeAnthropic::start().await;
+        let schema = json!({"type": "object", "additionalProperties": false,
+            "required": ["city", "temperature_c"],
+            "properties": {"city": {"type": "string"}, "temperature_c": {"type": "integer"}}});
+        let mut body = hello(false);
+        body["tools"] = json!([{"name": "weather", "input_schema": schema}]);
+        body["tool_choice"] = json!({"type": "tool", "name": "weather"});
+        let v = json_of(&fake, &body).await;
+        let input = json!({"city": "text", "temperature_c": 7});
+        assert_eq!(uses_of(&v), [("weather".to_owned(), input.clone())]);
+        assert_eq!(
+            v["usage"]["output_tokens"],
+            tool_call_tokens(&[ToolPlan::new("weather", input.clone())])
+        );
+        // Streamed, the same input arrives in fragments.
+        body["stream"] = json!(true);
+        let resp = post(&fake, &body).await;
+        let streamed: String = events(&resp.text().await.unwrap())
+            .iter()
+            .filter_map(|(_, d)| d["delta"]["partial_json"].as_str().map(str::to_owned))
+            .collect();
+        assert_eq!(serde_json::from_str::<Value>(&streamed).unwrap(), input);
+        // What is scripted for the forced tool wins over the instance.
+        fake.set_behavior(Behavior {
+            tool_calls: vec![ToolPlan::new("weather", json!({"city": "Oslo"}))],
+            ..Behavior::default()
+        });
+        body["stream"] = json!(false);
+        assert_eq!(
+            uses_of(&json_of(&fake, &body).await),
+            [("weather".to_owned(), json!({"city": "Oslo"}))]
+        );
     }
 
     #[tokio::test]

@@ -961,6 +961,10 @@ async fn embeddings(
     };
     let texts: Vec<String> = match &req["input"] {
         Value::String(s) => vec![s.clone()],
+        // One array of token ids is one input; an array of them, one input each.
+        tokens @ Value::Array(items) if items.iter().all(Value::is_number) => {
+            vec![tokens.to_string()]
+        }
         Value::Array(items) => items
             .iter()
             .map(|item| match item {
@@ -1603,6 +1607,13 @@ mod tests {
             .collect();
         assert_eq!(text, base64(&expected));
         assert_eq!(base64(b"ab"), "YWI=");
+
+        for (tokens, inputs) in [(json!([1, 2, 3]), 1), (json!([[1, 2, 3], [4, 5]]), 2)] {
+            let body = json!({"model": "text-embedding-3-small", "input": tokens});
+            let (status, v) = call(&fake, "/embeddings", &body).await;
+            assert_eq!(status, 200, "{v}");
+            assert_eq!(v["data"].as_array().unwrap().len(), inputs, "{tokens}");
+        }
 
         let wrong = json!({"model": "text-embedding-ada-002", "input": "x", "dimensions": 4});
         assert_eq!(call(&fake, "/embeddings", &wrong).await.0, 400);

@@ -7,8 +7,9 @@
 //! - [`ToolPlan`]: a call a test scripts (each fake's `Behavior::tool_calls`). A fake answers
 //!   with calls when the request offers tools, does not turn them off, and its last message is
 //!   not a tool result; [`ToolAsk::calls`] picks which (offered names only, the forced one
-//!   only, `{}` arguments for a required call nobody scripted, one call when parallel calls
-//!   are off).
+//!   only, `{}` arguments for a required call nobody scripted (Anthropic's fake fills those
+//!   with an instance of the tool's schema, as its structured output is a forced tool), one
+//!   call when parallel calls are off).
 //! - After tool results, a fake answers [`tool_results_reply`]: `Tool results: A; B`.
 //! - Streamed arguments come in [`fragments`] of [`FRAGMENT_CHARS`] characters; a tool-call
 //!   answer's output tokens are [`tool_call_tokens`].

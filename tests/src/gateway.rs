@@ -314,10 +314,30 @@ impl TestGateway {
 
     /// Waits (deadline 10 s) until the ledger holds `n` `RequestServed` events.
     pub async fn wait_for_served(&self, n: usize) -> Vec<RequestServed> {
+        self.served_once(|served| served.len() >= n).await
+    }
+
+    /// Waits (deadline 10 s) for the `RequestServed` of the request `request_id` (its
+    /// `x-request-id`).
+    ///
+    /// # Panics
+    /// If the ledger holds none by the deadline.
+    pub async fn served_request(&self, request_id: &str) -> RequestServed {
+        let served = self
+            .served_once(|served| served.iter().any(|s| s.request_id == request_id))
+            .await;
+        served
+            .into_iter()
+            .find(|s| s.request_id == request_id)
+            .unwrap_or_else(|| panic!("no RequestServed for request {request_id}"))
+    }
+
+    /// The `RequestServed` events once `done` holds for them, or at the deadline (10 s).
+    async fn served_once(&self, done: impl Fn(&[RequestServed]) -> bool) -> Vec<RequestServed> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
             let served = self.served().await;
-            if served.len() >= n || tokio::time::Instant::now() > deadline {
+            if done(&served) || tokio::time::Instant::now() > deadline {
                 return served;
             }
             let mut appended = self.state.appender.appended();

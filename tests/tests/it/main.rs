@@ -17,3 +17,4 @@ mod process_support;
 mod queue;
 mod routing;
 mod sessions;
+mod tools;
