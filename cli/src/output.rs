@@ -135,6 +135,7 @@ pub fn usage(doc: &Value) {
                 cell(&k["completion_tokens"]),
                 cell(&k["total_tokens"]),
                 usd(&k["cost_usd"]),
+                usd(&k["saved_usd"]),
                 format!(
                     "{}/{}/{}",
                     tier(k, "local"),
@@ -154,6 +155,7 @@ pub fn usage(doc: &Value) {
             "Completion",
             "Total",
             "Cost",
+            "Saved",
             "Local/Gemini/Paid",
             "Last used",
         ],
@@ -168,6 +170,12 @@ pub fn usage(doc: &Value) {
         cell(&t["completion_tokens"]),
         usd(&t["cost_usd"])
     ));
+    if let Some(model) = doc["saved_priced_as"].as_str() {
+        line(&format!(
+            "Saved: {} (the local and free tiers' tokens priced as {model})",
+            usd(&t["saved_usd"])
+        ));
+    }
 }
 
 pub fn tiers(tiers: &[Value]) {

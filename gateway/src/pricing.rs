@@ -1,11 +1,14 @@
 //! What a request costs: a price table of the paid tier's models (USD per million input and
 //! output tokens), shipped in `gateway/prices.json` and overridable by `CLAW_PRICES_FILE`.
-//! The local and free tiers cost nothing.
+//! The local and free tiers cost nothing; what they saved is what their tokens would have
+//! cost at the paid tier's price.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use claw_ledger::{Provider, Tier};
+use claw_projector::UsageDocument;
+use rust_decimal::prelude::ToPrimitive;
 use rust_decimal::Decimal;
 use serde::Deserialize;
 
@@ -96,6 +99,40 @@ impl PriceTable {
     }
 }
 
+impl PriceTable {
+    /// Fills in the usage document's `saved_usd`: what its local and free-tier tokens would
+    /// have cost at `paid_model`'s price, per key and in total: the money the tiers saved.
+    pub fn fill_saved(&self, doc: &mut UsageDocument, paid_model: &str) {
+        let Some(price) = self.price(paid_model) else {
+            return;
+        };
+        let million = Decimal::from(1_000_000);
+        let mut per_key: HashMap<&str, Decimal> = HashMap::new();
+        for row in doc
+            .usage
+            .iter()
+            .filter(|r| r.tier_source != Tier::ApiKey.as_str())
+        {
+            let would_cost = (Decimal::from(row.prompt_tokens) * price.input
+                + Decimal::from(row.completion_tokens) * price.output)
+                / million;
+            *per_key.entry(&row.key_id).or_default() += would_cost;
+        }
+        let usd = |d: Decimal| d.round_dp(9).to_f64().unwrap_or(0.0);
+        let mut total = Decimal::ZERO;
+        for key in &mut doc.keys {
+            let saved = per_key
+                .get(key.key_id.as_str())
+                .copied()
+                .unwrap_or_default();
+            key.saved_usd = usd(saved);
+            total += saved;
+        }
+        doc.totals.saved_usd = usd(total);
+        doc.saved_priced_as = Some(paid_model.to_owned());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,5 +192,58 @@ mod tests {
         assert!(table.price("my-model-v2").is_some());
         std::fs::write(&path, r#"{"gpt-4o": {"in": 1}}"#).unwrap();
         assert!(PriceTable::load(Some(&path)).is_err());
+    }
+
+    #[test]
+    fn savings_price_the_free_tiers_tokens_at_the_paid_model() {
+        let row = |key: &str, tier: &str, prompt: u64, completion: u64| claw_projector::UsageRow {
+            key_id: key.into(),
+            day: "2026-12-02".into(),
+            model: "m".into(),
+            tier_source: tier.into(),
+            requests: 1,
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            cost_usd: 0.0,
+        };
+        let key = |id: &str| claw_projector::KeyUsage {
+            key_id: id.into(),
+            name: id.into(),
+            requests: 0,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            total_tokens: 0,
+            cost_usd: 0.0,
+            saved_usd: 0.0,
+            last_used_at: None,
+            by_tier: BTreeMap::new(),
+        };
+        let mut doc = UsageDocument {
+            keys: vec![key("a"), key("b")],
+            usage: vec![
+                row("a", "local", 1_000_000, 0),
+                row("a", "free_gemini", 0, 1_000_000),
+                row("a", "api_key", 5_000_000, 5_000_000),
+            ],
+            totals: claw_projector::UsageTotals::default(),
+            saved_priced_as: None,
+        };
+        let table = PriceTable {
+            prices: BTreeMap::from([(
+                "gpt-4o".to_owned(),
+                Price {
+                    input: Decimal::new(250, 2),
+                    output: Decimal::new(1000, 2),
+                },
+            )]),
+        };
+        table.fill_saved(&mut doc, "gpt-4o");
+        assert!(
+            (doc.keys[0].saved_usd - 12.5).abs() < 1e-9,
+            "paid rows saved nothing"
+        );
+        assert!(doc.keys[1].saved_usd.abs() < 1e-12);
+        assert!((doc.totals.saved_usd - 12.5).abs() < 1e-9);
+        assert_eq!(doc.saved_priced_as.as_deref(), Some("gpt-4o"));
     }
 }

@@ -299,6 +299,16 @@ impl Router {
         })
     }
 
+    /// The model the paid tier answers `auto` with (OpenAI's, else Anthropic's; OpenAI's
+    /// when neither is configured): what the free tiers' savings are priced at.
+    pub fn paid_model(&self) -> &str {
+        if self.openai.is_none() && self.anthropic.is_some() {
+            &self.models.anthropic
+        } else {
+            &self.models.openai
+        }
+    }
+
     /// The local tier's embeddings model (the knowledge base ranks with it).
     pub fn local_embedder(&self) -> Embedder {
         Embedder {

@@ -18,4 +18,6 @@ pub mod watch;
 pub use key_changes::{KeyChange, KeyChanges};
 pub use runner::{Projector, ProjectorHandle, StoredStart, EMBEDDED_SOURCE};
 pub use store::{ReadModels, StoreError};
-pub use views::{parse_time_bound, KeyRecord, UsageDocument, UsageFilter};
+pub use views::{
+    parse_time_bound, KeyRecord, KeyUsage, UsageDocument, UsageFilter, UsageRow, UsageTotals,
+};

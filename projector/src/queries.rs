@@ -236,6 +236,7 @@ fn assemble(keys: &[KeyRecord], tiers: Vec<TierRow>, days: Vec<DayRow>) -> Usage
             completion_tokens: 0,
             total_tokens: 0,
             cost_usd: 0.0,
+            saved_usd: 0.0,
             last_used_at: k.last_used_at.clone(),
             by_tier,
         };
@@ -290,5 +291,6 @@ fn assemble(keys: &[KeyRecord], tiers: Vec<TierRow>, days: Vec<DayRow>) -> Usage
         keys,
         usage,
         totals,
+        saved_priced_as: None,
     }
 }

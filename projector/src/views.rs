@@ -57,6 +57,10 @@ pub struct KeyUsage {
     pub completion_tokens: u64,
     pub total_tokens: u64,
     pub cost_usd: f64,
+    /// What the key's local and free-tier tokens would have cost at the paid tier's price
+    /// (filled in by the gateway, which knows the prices; 0 in the read model itself).
+    #[serde(default)]
+    pub saved_usd: f64,
     pub last_used_at: Option<String>,
     /// Always has `local`, `free_gemini` and `api_key`.
     pub by_tier: BTreeMap<String, TierUsage>,
@@ -83,6 +87,9 @@ pub struct UsageTotals {
     pub completion_tokens: u64,
     pub total_tokens: u64,
     pub cost_usd: f64,
+    /// What the local and free-tier tokens would have cost at the paid tier's price.
+    #[serde(default)]
+    pub saved_usd: f64,
 }
 
 /// The usage document (`usage --json`, `GET /claw/v1/usage`).
@@ -91,6 +98,9 @@ pub struct UsageDocument {
     pub keys: Vec<KeyUsage>,
     pub usage: Vec<UsageRow>,
     pub totals: UsageTotals,
+    /// The paid model whose price `saved_usd` is reckoned at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saved_priced_as: Option<String>,
 }
 
 /// Nano-dollars to the dollar number the read-model outputs show.

@@ -195,7 +195,8 @@ pub async fn usage(
     if let Err(err) = state.caught_up(PROJECTION_WAIT).await {
         tracing::warn!(error = %err, "usage may miss the latest requests");
     }
-    let doc = state.store.usage(&filter).await.map_err(store_error)?;
+    let mut doc = state.store.usage(&filter).await.map_err(store_error)?;
+    state.prices.fill_saved(&mut doc, state.router.paid_model());
     Ok(Json(doc))
 }
 

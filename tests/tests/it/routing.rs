@@ -575,4 +575,23 @@ async fn usage_shows_what_the_paid_tier_cost() {
     assert!(paid_rows
         .iter()
         .all(|r| r["cost_usd"].as_f64().unwrap() > 0.0));
+
+    // What the local request saved: its tokens at the paid tier's price (OPENAI_MODEL).
+    assert_eq!(usage["saved_priced_as"], "gpt-4o");
+    let price = claw_gateway::pricing::PriceTable::load(None)
+        .unwrap()
+        .price("gpt-4o")
+        .unwrap();
+    let local = served.iter().find(|s| s.tier == Tier::Local).unwrap();
+    let saved = (rust_decimal::Decimal::from(local.prompt_tokens) * price.input
+        + rust_decimal::Decimal::from(local.completion_tokens) * price.output)
+        / rust_decimal::Decimal::from(1_000_000);
+    let saved: f64 = saved.to_string().parse().unwrap();
+    assert!(saved > 0.0);
+    for got in [&k["saved_usd"], &usage["totals"]["saved_usd"]] {
+        assert!(
+            (got.as_f64().unwrap() - saved).abs() < 1e-9,
+            "{got} vs {saved}"
+        );
+    }
 }
