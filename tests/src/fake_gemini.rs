@@ -16,7 +16,11 @@
 //! Function calling: with [`Behavior::tool_calls`] scripted and `tools[].functionDeclarations`
 //! offered, the candidate is `{"role":"model","parts":[{"functionCall":{"name","args"}},…]}`
 //! with `finishReason: "STOP"` (Gemini calls have no ids; which calls: see
-//! [`crate::fake_server`]); streamed, each call is its own chunk and the last carries
+//! [`crate::fake_server`]), the first call signed with a `thoughtSignature` as thinking
+//! models sign it, and, as Gemini 3 does, a later turn whose first call comes back without
+//! that signature (or Google's `skip_thought_signature_validator`) is refused with 400
+//! "Function call `f` in the `N.` content block is missing a `thought_signature`.";
+//! streamed, each call is its own chunk and the last carries
 //! `finishReason` and `usageMetadata`. `toolConfig.functionCallingConfig` `mode`
 //! `AUTO`/`ANY`/`NONE`/`VALIDATED` and `allowedFunctionNames` are honoured. A conversation
 //! whose last content holds `functionResponse` parts is answered `Tool results: <each
@@ -678,10 +682,37 @@ fn function_parts(content: &Value) -> (Vec<&str>, Vec<(usize, &str)>) {
     (calls, responses)
 }
 
+/// The signature the fake's "thinking model" puts on the first call of a turn.
+pub const THOUGHT_SIGNATURE: &str = "ZmFrZS1nZW1pbmktdGhvdWdodA==";
+/// The stand-in Google documents for calls it did not sign.
+pub const SKIP_SIGNATURE: &str = "skip_thought_signature_validator";
+
+/// Gemini 3's refusal of a call turn whose first call comes back without the signature the
+/// model gave it (or the documented stand-in).
+fn refuse_signature(index: usize, content: &Value) -> Option<Response> {
+    let parts = content["parts"].as_array()?;
+    let first = parts.iter().find(|p| p.get("functionCall").is_some())?;
+    match first.get("thoughtSignature").and_then(Value::as_str) {
+        Some(THOUGHT_SIGNATURE | SKIP_SIGNATURE) => None,
+        Some(_) => Some(error(400, "Corrupted thought signature.")),
+        None => {
+            let name = first["functionCall"]["name"].as_str().unwrap_or_default();
+            Some(error(
+                400,
+                &format!("Function call `{name}` in the `{index}.` content block is missing a `thought_signature`."),
+            ))
+        }
+    }
+}
+
 /// Google's refusal of the turns of function calling: a call follows a user turn, a response
-/// turn follows a call turn and answers each of its calls by name.
+/// turn follows a call turn and answers each of its calls by name, and a call turn carries
+/// its thought signature back.
 fn refuse_turns(contents: &[Value]) -> Option<Response> {
     for (i, content) in contents.iter().enumerate() {
+        if let Some(refusal) = refuse_signature(i, content) {
+            return Some(refusal);
+        }
         let previous = i.checked_sub(1).map(|p| &contents[p]);
         let (calls, responses) = function_parts(content);
         let after_user = previous.is_some_and(|p| p["role"].as_str() != Some("model"));
@@ -880,9 +911,17 @@ fn say(req: &Value, contents: &[Value], b: &Behavior) -> Said {
         Vec::new()
     };
     if !calls.is_empty() {
+        // A thinking model signs the first of its calls.
         let parts: Vec<Value> = calls
             .iter()
-            .map(|c| json!({"functionCall": {"name": c.name, "args": c.arguments}}))
+            .enumerate()
+            .map(|(i, c)| {
+                let mut part = json!({"functionCall": {"name": c.name, "args": c.arguments}});
+                if i == 0 {
+                    part["thoughtSignature"] = json!(THOUGHT_SIGNATURE);
+                }
+                part
+            })
             .collect();
         return Said {
             streamed: parts.iter().map(|p| vec![p.clone()]).collect(),
@@ -1176,8 +1215,10 @@ mod tests {
         fake
     }
 
+    /// The first call of a turn, signed as the fake signs it.
     fn weather_call() -> Value {
-        json!({"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}})
+        json!({"functionCall": {"name": "get_weather", "args": {"city": "Paris"}},
+            "thoughtSignature": THOUGHT_SIGNATURE})
     }
 
     fn time_call() -> Value {
@@ -1228,7 +1269,8 @@ mod tests {
         let (_, v) = call(&fake, GENERATE, Some(KEY), &body).await;
         assert_eq!(
             v["candidates"][0]["content"]["parts"],
-            json!([{"functionCall": {"name": "lookup", "args": {}}}])
+            json!([{"functionCall": {"name": "lookup", "args": {}},
+                "thoughtSignature": THOUGHT_SIGNATURE}])
         );
         body.as_object_mut().unwrap().remove("toolConfig");
         let (_, v) = call(&fake, GENERATE, Some(KEY), &body).await;
@@ -1592,5 +1634,36 @@ mod tests {
         }
         let more = tokio::time::timeout(Duration::from_millis(200), resp.chunk()).await;
         assert!(more.is_err(), "stream should stall, got {more:?}");
+    }
+
+    #[tokio::test]
+    async fn a_call_turn_without_its_thought_signature_is_refused_like_gemini_3() {
+        let fake = tool_fake().await;
+        let turn = |signature: Option<&str>| {
+            let mut call =
+                json!({"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}});
+            if let Some(signature) = signature {
+                call["thoughtSignature"] = json!(signature);
+            }
+            let mut body = tool_body(&["get_weather"]);
+            body["contents"] = json!([
+                {"role": "user", "parts": [{"text": "weather?"}]},
+                {"role": "model", "parts": [call]},
+                {"role": "user", "parts": [{"functionResponse": {"name": "get_weather", "response": {"t": 22}}}]},
+            ]);
+            body
+        };
+        let (status, v) = call(&fake, GENERATE, Some(KEY), &turn(None)).await;
+        assert_eq!(status, 400);
+        assert_eq!(
+            v["error"]["message"],
+            "Function call `get_weather` in the `1.` content block is missing a `thought_signature`."
+        );
+        let (status, v) = call(&fake, GENERATE, Some(KEY), &turn(Some("Zm9yZ2Vk"))).await;
+        assert_eq!(status, 400, "{v}");
+        for accepted in [THOUGHT_SIGNATURE, SKIP_SIGNATURE] {
+            let (status, v) = call(&fake, GENERATE, Some(KEY), &turn(Some(accepted))).await;
+            assert_eq!(status, 200, "{v}");
+        }
     }
 }

@@ -39,7 +39,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use super::http::{listed, Upstream};
-use super::tools::arguments_object;
+use super::tools::{arguments_object, split_signature};
 use super::turns::{alternating, system_text_with, Side};
 use super::{
     ChatEvent, ChatProvider, ChatRequest, ChatStream, Embeddings, FinishReason, Image, Message,
@@ -228,6 +228,7 @@ struct Metadata<'a> {
 /// hold other characters: those become `_`, and a hash of the original keeps two rewritten
 /// ids apart. The rewrite depends only on the id, so a call and its result always agree.
 pub fn tool_id(id: &str) -> String {
+    let id = split_signature(id).0;
     let valid = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
     if !id.is_empty() && id.chars().all(valid) {
         return id.to_owned();

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use super::http::{error_message, listed, Upstream};
+use super::tools::split_signature;
 use super::{
     ChatEvent, ChatProvider, ChatRequest, ChatStream, Embeddings, FinishReason, Image, Message,
     OutputFormat, ProviderError, ToolCallDelta, ToolChoice, Usage,
@@ -258,7 +259,7 @@ fn wire_message(m: &Message) -> WireMessage<'_> {
             .tool_calls
             .iter()
             .map(|c| WireToolCall {
-                id: &c.id,
+                id: split_signature(&c.id).0,
                 kind: "function",
                 function: WireCall {
                     name: &c.name,
@@ -266,7 +267,7 @@ fn wire_message(m: &Message) -> WireMessage<'_> {
                 },
             })
             .collect(),
-        tool_call_id: m.tool_call_id.as_deref(),
+        tool_call_id: m.tool_call_id.as_deref().map(|id| split_signature(id).0),
     }
 }
 
@@ -666,6 +667,29 @@ mod tests {
             body["response_format"],
             json!({"type": "json_schema", "json_schema": {"name": "answer", "schema": {"type": "object"}, "strict": true}})
         );
+    }
+
+    #[test]
+    fn gemini_signatures_stay_out_of_the_ids_openai_gets() {
+        let mut call = message(Role::Assistant, "", &[]);
+        call.tool_calls = vec![ToolCall {
+            id: "call_1.sig.c2lnbmVk".into(),
+            name: "f".into(),
+            arguments: "{}".into(),
+        }];
+        let result = Message {
+            tool_call_id: Some("call_1.sig.c2lnbmVk".into()),
+            ..message(Role::Tool, "ok", &[])
+        };
+        let req = ChatRequest {
+            model: "gpt-4o".into(),
+            messages: vec![message(Role::User, "go", &[]), call, result],
+            params: ChatParams::default(),
+        };
+        let body = body(&req);
+        assert_eq!(body["messages"][1]["tool_calls"][0]["id"], "call_1");
+        assert_eq!(body["messages"][1]["content"], Value::Null);
+        assert_eq!(body["messages"][2]["tool_call_id"], "call_1");
     }
 
     #[test]

@@ -53,7 +53,7 @@ pub fn arb_arguments() -> impl proptest::strategy::Strategy<Value = serde_json::
 pub fn arb_tool_conversation() -> impl proptest::strategy::Strategy<Value = Vec<Message>> {
     use proptest::prelude::*;
     let call = (
-        "[a-zA-Z0-9_.:/-]{1,20}",
+        "[a-zA-Z0-9_:/-]{1,20}",
         "[a-zA-Z_][a-zA-Z0-9_]{0,12}",
         arb_arguments(),
     );

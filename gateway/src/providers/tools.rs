@@ -1,6 +1,12 @@
 //! What the adapters share about function calling: ids for providers that give calls none,
-//! the function name behind a tool result (providers that pair results by name), and
-//! arguments as JSON text versus JSON objects.
+//! the function name behind a tool result (providers that pair results by name), arguments as
+//! JSON text versus JSON objects, and Gemini's thought signatures carried inside call ids.
+//!
+//! Gemini (2.5 and later) signs the function calls of a thinking model, and Gemini 3 refuses a
+//! later turn whose calls come back without their signature. OpenAI's wire has no place for
+//! it, so the gateway keeps it in the call's id, which every client echoes back:
+//! `call_…` + [`SIGNATURE_MARK`] + the signature. It stays stateless (any gateway can read
+//! it); only Gemini is sent the signature, and the other providers get the plain id.
 
 use std::collections::HashMap;
 
@@ -13,6 +19,25 @@ use super::Message;
 /// have none (Gemini, Ollama).
 pub fn new_call_id() -> String {
     format!("call_{}", Uuid::new_v4().simple())
+}
+
+/// Between a call id and the Gemini thought signature carried in it (base64 has no `.`).
+pub const SIGNATURE_MARK: &str = ".sig.";
+
+/// `id` carrying `signature`, when there is one.
+pub fn with_signature(id: String, signature: Option<&str>) -> String {
+    match signature.filter(|s| !s.is_empty()) {
+        Some(signature) => format!("{id}{SIGNATURE_MARK}{signature}"),
+        None => id,
+    }
+}
+
+/// A call id's plain part and the Gemini thought signature it carries, if any.
+pub fn split_signature(id: &str) -> (&str, Option<&str>) {
+    match id.split_once(SIGNATURE_MARK) {
+        Some((plain, signature)) if !signature.is_empty() => (plain, Some(signature)),
+        _ => (id, None),
+    }
 }
 
 /// The function each earlier call id named, from the assistant turns' `tool_calls`.
@@ -83,6 +108,16 @@ mod tests {
             Value::Object(result_object("22 C")),
             json!({"content": "22 C"})
         );
+    }
+
+    #[test]
+    fn signatures_ride_in_ids_and_come_out_again() {
+        let id = with_signature("call_1".into(), Some("c2lnbmVk+/="));
+        assert_eq!(id, "call_1.sig.c2lnbmVk+/=");
+        assert_eq!(split_signature(&id), ("call_1", Some("c2lnbmVk+/=")));
+        assert_eq!(with_signature("call_2".into(), None), "call_2");
+        assert_eq!(split_signature("call_2"), ("call_2", None));
+        assert_eq!(split_signature("toolu_01.sig."), ("toolu_01.sig.", None));
     }
 
     #[test]

@@ -475,9 +475,17 @@ fn assert_results_sent(provider: Provider, sent: &Value, calls: &[Call]) {
             (tail(&sent["messages"], 2), json!(want))
         }
         Provider::Gemini => {
+            // The first call's thought signature rode back to Gemini inside its id.
             let asked: Vec<Value> = calls
                 .iter()
-                .map(|c| json!({"functionCall": {"name": c.name, "args": args(c)}}))
+                .enumerate()
+                .map(|(i, c)| {
+                    let mut part = json!({"functionCall": {"name": c.name, "args": args(c)}});
+                    if i == 0 {
+                        part["thoughtSignature"] = json!(fake_gemini::THOUGHT_SIGNATURE);
+                    }
+                    part
+                })
                 .collect();
             let answered: Vec<Value> = results()
                 .map(|(c, r)| json!({"functionResponse": {"name": c.name, "response": result(r)}}))

@@ -9,7 +9,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use super::schema::gemini_schema;
-use crate::providers::tools::{arguments_object, names_by_call_id, result_object};
+use crate::providers::tools::{arguments_object, names_by_call_id, result_object, split_signature};
 use crate::providers::turns::{alternating, system_text_with, Side};
 use crate::providers::{ChatRequest, Message, OutputFormat, ToolChoice};
 
@@ -39,10 +39,34 @@ struct SystemInstruction {
     parts: [Part; 1],
 }
 
-/// One part: Gemini's parts are objects with one key naming their kind.
+/// One part: its data, and the thought signature a function call carries back.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-enum Part {
+struct Part {
+    #[serde(flatten)]
+    data: PartData,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    thought_signature: Option<String>,
+}
+
+impl From<PartData> for Part {
+    fn from(data: PartData) -> Self {
+        Self {
+            data,
+            thought_signature: None,
+        }
+    }
+}
+
+/// What Gemini's thinking models accept in place of a signature they did not make (a call
+/// another provider made, or history from before the gateway kept signatures), so that
+/// Gemini 3 takes the turn instead of refusing it.
+pub const SKIP_SIGNATURE: &str = "skip_thought_signature_validator";
+
+/// A part's data: Gemini's parts are objects with one key naming their kind.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+enum PartData {
     Text(String),
     InlineData {
         #[serde(rename = "mimeType")]
@@ -175,7 +199,7 @@ pub fn chat_body(request: &ChatRequest) -> ChatBody {
         contents: contents(&request.messages),
         system_instruction: system_text_with(&request.messages, in_words).map(|text| {
             SystemInstruction {
-                parts: [Part::Text(text)],
+                parts: [PartData::Text(text).into()],
             }
         }),
         generation_config: GenerationConfig {
@@ -202,28 +226,37 @@ fn contents(messages: &[Message]) -> Vec<Content> {
             // The earlier call names the function; a result for an unknown call keeps its id
             // as the name rather than being lost.
             let name = names.get(id.as_str()).copied().unwrap_or(id);
-            return vec![Part::FunctionResponse {
+            let response = PartData::FunctionResponse {
                 name: name.to_owned(),
                 response: result_object(&m.content),
-            }];
+            };
+            return vec![response.into()];
         }
-        let mut parts = Vec::with_capacity(1 + m.images.len() + m.tool_calls.len());
+        let mut parts: Vec<Part> = Vec::with_capacity(1 + m.images.len() + m.tool_calls.len());
         // Gemini refuses an empty text part (and a content without parts).
         if !m.content.is_empty() {
-            parts.push(Part::Text(m.content.clone()));
+            parts.push(PartData::Text(m.content.clone()).into());
         }
-        parts.extend(
-            m.images
-                .iter()
-                .filter_map(|i| i.inline())
-                .map(|(mime, data)| Part::InlineData {
-                    mime_type: mime.to_owned(),
-                    data: data.to_owned(),
-                }),
-        );
-        parts.extend(m.tool_calls.iter().map(|c| Part::FunctionCall {
-            name: c.name.clone(),
-            args: arguments_object(&c.arguments),
+        let images = m.images.iter().filter_map(|i| i.inline());
+        parts.extend(images.map(|(mime, data)| {
+            Part::from(PartData::InlineData {
+                mime_type: mime.to_owned(),
+                data: data.to_owned(),
+            })
+        }));
+        // A turn's first call carries its signature (Gemini signs only the first of parallel
+        // calls); one without gets the documented stand-in.
+        parts.extend(m.tool_calls.iter().enumerate().map(|(i, c)| {
+            Part {
+                data: PartData::FunctionCall {
+                    name: c.name.clone(),
+                    args: arguments_object(&c.arguments),
+                },
+                thought_signature: split_signature(&c.id)
+                    .1
+                    .map(str::to_owned)
+                    .or_else(|| (i == 0).then(|| SKIP_SIGNATURE.to_owned())),
+            }
         }));
         parts
     };
@@ -428,5 +461,43 @@ mod tests {
                 (names[id.as_str()].to_owned(), Value::Object(result_object(&m.content))))).collect();
             prop_assert_eq!(responses, answered);
         }
+    }
+
+    #[test]
+    fn a_turns_first_call_carries_its_thought_signature_or_the_stand_in() {
+        let call = |id: &str, name: &str| crate::providers::ToolCall {
+            id: id.into(),
+            name: name.into(),
+            arguments: "{}".into(),
+        };
+        let mut signed = msg(Role::Assistant, "");
+        signed.tool_calls = vec![call("call_a.sig.c2lnbmVk", "f"), call("call_b", "g")];
+        let mut unsigned = msg(Role::Assistant, "");
+        unsigned.tool_calls = vec![call("toolu_01", "f"), call("toolu_02", "g")];
+        let answers = |ids: [&str; 2]| {
+            ids.map(|id| Message {
+                tool_call_id: Some(id.into()),
+                ..msg(Role::Tool, "ok")
+            })
+        };
+        let mut messages = vec![msg(Role::User, "go"), signed];
+        messages.extend(answers(["call_a.sig.c2lnbmVk", "call_b"]));
+        messages.push(unsigned);
+        messages.extend(answers(["toolu_01", "toolu_02"]));
+        let body = body_of(&request(messages, ChatParams::default()));
+        let signatures = |content: usize| -> Vec<Value> {
+            body["contents"][content]["parts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p["thoughtSignature"].clone())
+                .collect()
+        };
+        assert_eq!(signatures(1), [json!("c2lnbmVk"), Value::Null]);
+        assert_eq!(signatures(3), [json!(SKIP_SIGNATURE), Value::Null]);
+        assert_eq!(
+            body["contents"][2]["parts"][0]["functionResponse"]["name"],
+            "f"
+        );
     }
 }

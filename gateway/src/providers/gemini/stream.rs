@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use super::NAME;
 use crate::providers::http::{error_message, Upstream};
-use crate::providers::tools::new_call_id;
+use crate::providers::tools::{new_call_id, with_signature};
 use crate::providers::{ChatEvent, FinishReason, ProviderError, ToolCall, ToolCallDelta, Usage};
 
 /// The finish reason for Gemini's `finishReason`.
@@ -65,6 +65,9 @@ struct ResponsePart {
     thought: bool,
     #[serde(default)]
     function_call: Option<FunctionCall>,
+    /// A thinking model's signature of the call (see [`crate::providers::tools`]).
+    #[serde(default)]
+    thought_signature: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -143,7 +146,10 @@ impl ChunkReader {
                 events.push(ChatEvent::ToolCall(ToolCallDelta::whole(
                     self.calls,
                     ToolCall {
-                        id: call.id.clone().unwrap_or_else(new_call_id),
+                        id: with_signature(
+                            call.id.clone().unwrap_or_else(new_call_id),
+                            part.thought_signature.as_deref(),
+                        ),
                         name: call.name.clone(),
                         arguments,
                     },
@@ -295,7 +301,7 @@ mod tests {
     fn function_calls_get_ids_and_indexes_across_chunks() {
         let mut reader = ChunkReader::default();
         let first = json!({"candidates": [{"content": {"role": "model", "parts": [
-            {"functionCall": {"name": "weather", "args": {"city": "Paris"}}},
+            {"functionCall": {"name": "weather", "args": {"city": "Paris"}}, "thoughtSignature": "c2ln"},
             {"functionCall": {"name": "time", "args": {}}}]}}]});
         let events = reader.read(&http(), &first.to_string()).unwrap();
         let calls: Vec<&ToolCallDelta> = events
