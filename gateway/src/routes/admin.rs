@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
 use claw_ledger::{format_time, Envelope, Event, Frontier, KeyCreated, KeyRevoked, ReaderFeed};
-use claw_projector::{parse_time_bound, KeyChange, KeyRecord, UsageFilter};
+use claw_projector::{parse_time_bound, KeyChange, KeyRecord, UsageDocument, UsageFilter};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -177,7 +177,73 @@ pub async fn usage(
     _: Admin,
     State(state): State<Arc<AppState>>,
     Query(query): Query<UsageQuery>,
-) -> Result<Json<claw_projector::UsageDocument>, ApiError> {
+) -> Result<Json<UsageDocument>, ApiError> {
+    usage_document(&state, query).await.map(Json)
+}
+
+/// The usage document's rows as CSV, one line per key, day, model and tier (the console's
+/// export; the same `key_id`/`since`/`until` filters).
+pub async fn usage_csv(
+    _: Admin,
+    State(state): State<Arc<AppState>>,
+    Query(query): Query<UsageQuery>,
+) -> Result<Response, ApiError> {
+    let doc = usage_document(&state, query).await?;
+    let names: std::collections::HashMap<&str, &str> = doc
+        .keys
+        .iter()
+        .map(|k| (k.key_id.as_str(), k.name.as_str()))
+        .collect();
+    let mut csv = csv::Writer::from_writer(Vec::new());
+    let failed = |e: csv::Error| ApiError::internal(format!("cannot write the usage CSV: {e}"));
+    csv.write_record([
+        "day",
+        "key_id",
+        "key_name",
+        "model",
+        "tier",
+        "requests",
+        "prompt_tokens",
+        "completion_tokens",
+        "cost_usd",
+    ])
+    .map_err(failed)?;
+    for row in &doc.usage {
+        csv.write_record([
+            row.day.clone(),
+            row.key_id.clone(),
+            names
+                .get(row.key_id.as_str())
+                .copied()
+                .unwrap_or_default()
+                .to_owned(),
+            row.model.clone(),
+            row.tier_source.clone(),
+            row.requests.to_string(),
+            row.prompt_tokens.to_string(),
+            row.completion_tokens.to_string(),
+            format!("{:.9}", row.cost_usd),
+        ])
+        .map_err(failed)?;
+    }
+    let bytes = csv
+        .into_inner()
+        .map_err(|e| ApiError::internal(format!("cannot write the usage CSV: {e}")))?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/csv; charset=utf-8"),
+            (
+                header::CONTENT_DISPOSITION,
+                "attachment; filename=\"claw-usage.csv\"",
+            ),
+        ],
+        bytes,
+    )
+        .into_response())
+}
+
+/// The usage document for `query`, with what the tiers saved.
+async fn usage_document(state: &AppState, query: UsageQuery) -> Result<UsageDocument, ApiError> {
     let now = chrono::Utc::now();
     let bound = |param: &str, text: Option<&String>| {
         text.map(|t| {
@@ -197,7 +263,7 @@ pub async fn usage(
     }
     let mut doc = state.store.usage(&filter).await.map_err(store_error)?;
     state.prices.fill_saved(&mut doc, state.router.paid_model());
-    Ok(Json(doc))
+    Ok(doc)
 }
 
 #[derive(Debug, Deserialize)]

@@ -52,6 +52,7 @@ pub fn router(state: Arc<AppState>) -> axum::Router {
         )
         .route("/claw/v1/api-keys/{id}", delete(admin::revoke_key))
         .route("/claw/v1/usage", get(admin::usage))
+        .route("/claw/v1/usage.csv", get(admin::usage_csv))
         .route("/claw/v1/events", get(admin::events))
         .route("/claw/v1/audit", post(admin::audit))
         .route("/claw/v1/status", get(admin::status))

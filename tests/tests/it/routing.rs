@@ -594,4 +594,41 @@ async fn usage_shows_what_the_paid_tier_cost() {
             "{got} vs {saved}"
         );
     }
+
+    // The same rows as CSV, for spreadsheets.
+    let response = gw
+        .admin(reqwest::Method::GET, "/claw/v1/usage.csv")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["content-type"],
+        "text/csv; charset=utf-8"
+    );
+    let csv = response.text().await.unwrap();
+    let lines: Vec<Vec<&str>> = csv.lines().map(|l| l.split(',').collect()).collect();
+    assert_eq!(
+        lines[0],
+        [
+            "day",
+            "key_id",
+            "key_name",
+            "model",
+            "tier",
+            "requests",
+            "prompt_tokens",
+            "completion_tokens",
+            "cost_usd"
+        ]
+    );
+    assert_eq!(lines.len(), 4, "{csv}");
+    let cost: f64 = lines[1..]
+        .iter()
+        .map(|l| l[8].parse::<f64>().unwrap())
+        .sum();
+    assert!((cost - charged).abs() < 1e-6, "{csv}");
+    assert!(lines[1..]
+        .iter()
+        .all(|l| l[1] == k["key_id"] && l[2] == k["name"]));
 }
