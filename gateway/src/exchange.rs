@@ -321,21 +321,7 @@ impl Answer {
             }
             ChatEvent::ToolCall(delta) => {
                 self.first_token(started);
-                if self.tool_calls.len() <= delta.index {
-                    self.tool_calls.resize_with(delta.index + 1, || ToolCall {
-                        id: String::new(),
-                        name: String::new(),
-                        arguments: String::new(),
-                    });
-                }
-                let call = &mut self.tool_calls[delta.index];
-                if let Some(id) = &delta.id {
-                    call.id.clone_from(id);
-                }
-                if let Some(name) = &delta.name {
-                    call.name.clone_from(name);
-                }
-                call.arguments.push_str(&delta.arguments);
+                delta.apply_to(&mut self.tool_calls);
             }
             ChatEvent::Finish(reason) => self.finish = Some(*reason),
             ChatEvent::Usage(u) => {

@@ -720,11 +720,7 @@ fn answer(reply: &str, ask: &Ask) -> (Vec<String>, &'static str, Option<String>)
 /// call nothing scripted filled with an instance of its tool's schema), else text (quoting
 /// the tool results when the conversation ends in them).
 fn plan_reply(shared: &Shared, b: &Behavior, ask: Ask) -> Reply {
-    let mut calls = if ask.tool_results.is_empty() {
-        ask.tools.calls(&b.tool_calls)
-    } else {
-        Vec::new()
-    };
+    let mut calls = ask.tools.calls_after(&ask.tool_results, &b.tool_calls);
     for call in &mut calls {
         let scripted = b.tool_calls.iter().any(|plan| plan.name == call.name);
         if let (false, Some(schema)) = (scripted, ask.input_schemas.get(&call.name)) {
@@ -1245,10 +1241,7 @@ mod tests {
     async fn tool_fake() -> FakeAnthropic {
         let fake = FakeAnthropic::start().await;
         fake.set_behavior(Behavior {
-            tool_calls: vec![
-                ToolPlan::new("get_weather", json!({"city": "Paris"})),
-                ToolPlan::new("get_time", json!({"zone": "CET"})),
-            ],
+            tool_calls: crate::fake_server::weather_then_time(),
             ..Behavior::default()
         });
         fake

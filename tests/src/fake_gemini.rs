@@ -905,11 +905,7 @@ struct Said {
 /// text: word pieces, cut by `maxOutputTokens`.
 fn say(req: &Value, contents: &[Value], b: &Behavior) -> Said {
     let results = final_responses(contents);
-    let calls = if results.is_empty() {
-        tool_ask(req).calls(&b.tool_calls)
-    } else {
-        Vec::new()
-    };
+    let calls = tool_ask(req).calls_after(&results, &b.tool_calls);
     if !calls.is_empty() {
         // A thinking model signs the first of its calls.
         let parts: Vec<Value> = calls
@@ -1206,10 +1202,7 @@ mod tests {
     async fn tool_fake() -> FakeGemini {
         let fake = FakeGemini::start().await;
         fake.set_behavior(Behavior {
-            tool_calls: vec![
-                ToolPlan::new("get_weather", json!({"city": "Paris"})),
-                ToolPlan::new("get_time", json!({"zone": "CET"})),
-            ],
+            tool_calls: crate::fake_server::weather_then_time(),
             ..Behavior::default()
         });
         fake

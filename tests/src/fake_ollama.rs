@@ -377,11 +377,7 @@ fn say(shared: &Shared, req: &Value, b: &Behavior, format: &Format) -> Said {
         .iter()
         .map(|m| m["content"].as_str().unwrap_or_default())
         .collect();
-    let calls = if results.is_empty() {
-        tool_ask(req).calls(&b.tool_calls)
-    } else {
-        Vec::new()
-    };
+    let calls = tool_ask(req).calls_after(&results, &b.tool_calls);
     if !calls.is_empty() {
         let tool_calls: Vec<Value> = calls
             .iter()
@@ -686,10 +682,7 @@ mod tests {
     async fn tool_fake() -> FakeOllama {
         let fake = FakeOllama::start().await;
         fake.set_behavior(Behavior {
-            tool_calls: vec![
-                ToolPlan::new("get_weather", json!({"city": "Paris"})),
-                ToolPlan::new("get_time", json!({"zone": "CET"})),
-            ],
+            tool_calls: crate::fake_server::weather_then_time(),
             ..Behavior::default()
         });
         fake

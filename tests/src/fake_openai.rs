@@ -531,11 +531,7 @@ fn plan_answer(shared: &Shared, req: &Value, b: &Behavior) -> Answer {
         .iter()
         .map(message_text)
         .collect();
-    let calls = if results.is_empty() {
-        tool_ask(req).calls(&b.tool_calls)
-    } else {
-        Vec::new()
-    };
+    let calls = tool_ask(req).calls_after(&results, &b.tool_calls);
     if !calls.is_empty() {
         let completion = b
             .completion_tokens
@@ -1320,10 +1316,7 @@ mod tests {
     async fn tool_fake() -> FakeOpenAi {
         let fake = FakeOpenAi::start().await;
         fake.set_behavior(Behavior {
-            tool_calls: vec![
-                ToolPlan::new("get_weather", json!({"city": "Paris"})),
-                ToolPlan::new("get_time", json!({"zone": "CET"})),
-            ],
+            tool_calls: crate::fake_server::weather_then_time(),
             ..Behavior::default()
         });
         fake

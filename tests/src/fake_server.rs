@@ -292,6 +292,25 @@ impl ToolAsk {
         }
         calls
     }
+
+    /// The calls to answer a conversation with whose last turn holds `results`: none when it
+    /// ends in tool results (the answer then quotes them), else [`ToolAsk::calls`].
+    pub fn calls_after<R>(&self, results: &[R], plans: &[ToolPlan]) -> Vec<ToolPlan> {
+        if results.is_empty() {
+            self.calls(plans)
+        } else {
+            Vec::new()
+        }
+    }
+}
+
+/// The script of the fakes' tool tests: `get_weather` in Paris, then `get_time` in CET.
+#[cfg(test)]
+pub fn weather_then_time() -> Vec<ToolPlan> {
+    vec![
+        ToolPlan::new("get_weather", json!({"city": "Paris"})),
+        ToolPlan::new("get_time", json!({"zone": "CET"})),
+    ]
 }
 
 /// Characters per streamed piece of a call's arguments.

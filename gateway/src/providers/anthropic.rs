@@ -29,6 +29,7 @@
 //!   tools of its own, the system prompt asks for JSON instead.
 //! - **Embeddings.** Anthropic has none; see [`NO_EMBEDDINGS`].
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use async_trait::async_trait;
@@ -39,7 +40,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use super::http::{listed, Upstream};
-use super::tools::{arguments_object, split_signature};
+use super::tools::{arguments_object, parameters_or_empty, split_signature};
 use super::turns::{alternating, system_text_with, Side};
 use super::{
     ChatEvent, ChatProvider, ChatRequest, ChatStream, Embeddings, FinishReason, Image, Message,
@@ -206,7 +207,7 @@ struct WireTool<'a> {
     name: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     description: Option<&'a str>,
-    input_schema: Value,
+    input_schema: Cow<'a, Value>,
 }
 
 #[derive(Debug, Serialize)]
@@ -390,10 +391,7 @@ pub fn chat_body(request: &ChatRequest) -> ChatBody<'_> {
         .map(|t| WireTool {
             name: &t.name,
             description: t.description.as_deref(),
-            input_schema: t
-                .parameters
-                .clone()
-                .unwrap_or_else(|| json!({"type": "object", "properties": {}})),
+            input_schema: parameters_or_empty(t),
         })
         .collect();
     let choice = tool_choice(request, forced.as_ref());
@@ -404,7 +402,7 @@ pub fn chat_body(request: &ChatRequest) -> ChatBody<'_> {
         tools.push(WireTool {
             name: tool.name,
             description: tool.description,
-            input_schema: tool.schema,
+            input_schema: Cow::Owned(tool.schema),
         });
     }
     ChatBody {

@@ -120,7 +120,7 @@ pub enum ToolChoice {
 }
 
 /// A function call the model made: its id, the function, and the arguments as JSON text.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ToolCall {
     pub id: String,
     pub name: String,
@@ -138,6 +138,22 @@ pub struct ToolCallDelta {
 }
 
 impl ToolCallDelta {
+    /// Folds the delta into `calls`, the answer's calls by index: its id and name set the
+    /// call, its arguments extend it.
+    pub fn apply_to(&self, calls: &mut Vec<ToolCall>) {
+        if calls.len() <= self.index {
+            calls.resize_with(self.index + 1, ToolCall::default);
+        }
+        let call = &mut calls[self.index];
+        if let Some(id) = &self.id {
+            call.id.clone_from(id);
+        }
+        if let Some(name) = &self.name {
+            call.name.clone_from(name);
+        }
+        call.arguments.push_str(&self.arguments);
+    }
+
     /// A whole call at `index` as one delta (providers that do not stream arguments).
     pub fn whole(index: usize, call: ToolCall) -> Self {
         Self {

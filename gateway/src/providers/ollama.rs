@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use super::http::{listed, Upstream};
-use super::tools::{arguments_object, names_by_call_id, new_call_id};
+use super::tools::{arguments_object, names_by_call_id, new_call_id, FunctionTool};
 use super::{
     ChatEvent, ChatProvider, ChatRequest, ChatStream, Embeddings, FinishReason, OutputFormat,
     ProviderError, ToolCall, ToolCallDelta, ToolChoice, Usage,
@@ -47,7 +47,7 @@ pub struct ChatBody<'a> {
     #[serde(skip_serializing_if = "Options::is_empty")]
     options: Options<'a>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    tools: Vec<WireTool<'a>>,
+    tools: Vec<FunctionTool<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     format: Option<Value>,
 }
@@ -106,21 +106,6 @@ struct WireCall<'a> {
     arguments: Map<String, Value>,
 }
 
-#[derive(Debug, Serialize)]
-struct WireTool<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    function: WireFunction<'a>,
-}
-
-#[derive(Debug, Serialize)]
-struct WireFunction<'a> {
-    name: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    description: Option<&'a str>,
-    parameters: Value,
-}
-
 /// The body for `request` (see [`ChatBody`]).
 pub fn chat_body(request: &ChatRequest) -> ChatBody<'_> {
     let p = &request.params;
@@ -161,17 +146,7 @@ pub fn chat_body(request: &ChatRequest) -> ChatBody<'_> {
             Some(ToolChoice::Function(name)) => t.name == *name,
             _ => true,
         })
-        .map(|t| WireTool {
-            kind: "function",
-            function: WireFunction {
-                name: &t.name,
-                description: t.description.as_deref(),
-                parameters: t
-                    .parameters
-                    .clone()
-                    .unwrap_or_else(|| json!({"type": "object", "properties": {}})),
-            },
-        })
+        .map(FunctionTool::with_schema)
         .collect();
     ChatBody {
         model: &request.model,

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use super::http::{error_message, listed, Upstream};
-use super::tools::split_signature;
+use super::tools::{split_signature, FunctionTool};
 use super::{
     ChatEvent, ChatProvider, ChatRequest, ChatStream, Embeddings, FinishReason, Image, Message,
     OutputFormat, ProviderError, ToolCallDelta, ToolChoice, Usage,
@@ -116,7 +116,7 @@ pub struct ChatBody<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     response_format: Option<Value>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    tools: Vec<WireTool<'a>>,
+    tools: Vec<FunctionTool<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tool_choice: Option<Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -130,24 +130,6 @@ pub struct ChatBody<'a> {
 #[derive(Debug, Serialize)]
 struct StreamOptions {
     include_usage: bool,
-}
-
-#[derive(Debug, Serialize)]
-struct WireTool<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    function: WireFunction<'a>,
-}
-
-#[derive(Debug, Serialize)]
-struct WireFunction<'a> {
-    name: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    description: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    parameters: Option<&'a Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    strict: Option<bool>,
 }
 
 /// One message on OpenAI's wire.
@@ -206,19 +188,7 @@ pub fn chat_body(request: &ChatRequest) -> ChatBody<'_> {
                 json!({"type": "json_schema", "json_schema": spec})
             }
         }),
-        tools: p
-            .tools
-            .iter()
-            .map(|t| WireTool {
-                kind: "function",
-                function: WireFunction {
-                    name: &t.name,
-                    description: t.description.as_deref(),
-                    parameters: t.parameters.as_ref(),
-                    strict: t.strict,
-                },
-            })
-            .collect(),
+        tools: p.tools.iter().map(FunctionTool::as_defined).collect(),
         tool_choice: p.tool_choice.as_ref().map(|choice| match choice {
             ToolChoice::None => json!("none"),
             ToolChoice::Auto => json!("auto"),

@@ -95,24 +95,10 @@ pub fn arb_tool_conversation() -> impl proptest::strategy::Strategy<Value = Vec<
 
 /// The calls a stream of events assembles to, by index (as the exchange assembles them).
 pub fn assemble(events: &[super::ChatEvent]) -> Vec<super::ToolCall> {
-    let mut calls: Vec<super::ToolCall> = Vec::new();
+    let mut calls = Vec::new();
     for event in events {
-        if let super::ChatEvent::ToolCall(d) = event {
-            if calls.len() <= d.index {
-                calls.resize_with(d.index + 1, || super::ToolCall {
-                    id: String::new(),
-                    name: String::new(),
-                    arguments: String::new(),
-                });
-            }
-            let call = &mut calls[d.index];
-            if let Some(id) = &d.id {
-                call.id.clone_from(id);
-            }
-            if let Some(name) = &d.name {
-                call.name.clone_from(name);
-            }
-            call.arguments.push_str(&d.arguments);
+        if let super::ChatEvent::ToolCall(delta) = event {
+            delta.apply_to(&mut calls);
         }
     }
     calls

@@ -8,12 +8,71 @@
 //! `call_…` + [`SIGNATURE_MARK`] + the signature. It stays stateless (any gateway can read
 //! it); only Gemini is sent the signature, and the other providers get the plain id.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
-use serde_json::{Map, Value};
+use serde::Serialize;
+use serde_json::{json, Map, Value};
 use uuid::Uuid;
 
-use super::Message;
+use super::{Message, Tool};
+
+/// A tool in the shape OpenAI and Ollama share: `{"type": "function", "function": {…}}`.
+#[derive(Debug, Serialize)]
+pub struct FunctionTool<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    function: FunctionSpec<'a>,
+}
+
+#[derive(Debug, Serialize)]
+struct FunctionSpec<'a> {
+    name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    description: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parameters: Option<Cow<'a, Value>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    strict: Option<bool>,
+}
+
+impl<'a> FunctionTool<'a> {
+    /// The tool as the client defined it (OpenAI).
+    pub fn as_defined(tool: &'a Tool) -> Self {
+        Self::new(
+            tool,
+            tool.parameters.as_ref().map(Cow::Borrowed),
+            tool.strict,
+        )
+    }
+
+    /// The tool with an empty object schema when the client gave none, and without OpenAI's
+    /// `strict` (Ollama).
+    pub fn with_schema(tool: &'a Tool) -> Self {
+        Self::new(tool, Some(parameters_or_empty(tool)), None)
+    }
+
+    fn new(tool: &'a Tool, parameters: Option<Cow<'a, Value>>, strict: Option<bool>) -> Self {
+        Self {
+            kind: "function",
+            function: FunctionSpec {
+                name: &tool.name,
+                description: tool.description.as_deref(),
+                parameters,
+                strict,
+            },
+        }
+    }
+}
+
+/// A tool's argument schema, or an object schema without properties when it takes none (for
+/// providers that require one).
+pub fn parameters_or_empty(tool: &Tool) -> Cow<'_, Value> {
+    tool.parameters.as_ref().map_or_else(
+        || Cow::Owned(json!({"type": "object", "properties": {}})),
+        Cow::Borrowed,
+    )
+}
 
 /// A fresh call id in OpenAI's style (`call_` and 32 hex digits), for providers whose calls
 /// have none (Gemini, Ollama).
