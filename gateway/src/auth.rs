@@ -1,5 +1,6 @@
 //! Who is calling: the `Authorization: Bearer sk-nself-…` gateway key (with its rate limit)
-//! for `/v1`, and the internal token for the `/claw/v1` admin API.
+//! for `/v1`, and for the `/claw/v1` admin API the internal token or a console session
+//! (whose changes must carry its CSRF token).
 
 use std::sync::Arc;
 
@@ -70,8 +71,13 @@ impl FromRequestParts<Arc<AppState>> for GatewayKey {
     }
 }
 
-/// A caller holding the internal token (`x-internal-token`, or `Authorization: Bearer`).
+/// A caller holding the internal token (`x-internal-token`, or `Authorization: Bearer`), or a
+/// signed-in console session; a session's changes (any method but GET, HEAD, OPTIONS) must
+/// also present its CSRF token in `x-csrf-token`.
 pub struct Admin;
+
+/// The header a console session's changes carry their CSRF token in.
+pub const CSRF_HEADER: &str = "x-csrf-token";
 
 impl FromRequestParts<Arc<AppState>> for Admin {
     type Rejection = ApiError;
@@ -85,14 +91,23 @@ impl FromRequestParts<Arc<AppState>> for Admin {
             .get("x-internal-token")
             .and_then(|v| v.to_str().ok())
             .or_else(|| bearer(&parts.headers));
-        match presented {
-            Some(token) if bool::from(token.as_bytes().ct_eq(state.admin_token.as_bytes())) => {
-                Ok(Admin)
+        if let Some(token) = presented {
+            if bool::from(token.as_bytes().ct_eq(state.admin_token.as_bytes())) {
+                return Ok(Admin);
             }
-            _ => {
-                refused("invalid_internal_token");
-                Err(ApiError::invalid_internal_token())
+        } else if let Some(session) = crate::console::session_of(&parts.headers, &state.sessions) {
+            let csrf = parts.headers.get(CSRF_HEADER).and_then(|v| v.to_str().ok());
+            if parts.method.is_safe()
+                || csrf.is_some_and(|t| state.sessions.csrf_matches(&session, t))
+            {
+                return Ok(Admin);
             }
+            refused("csrf");
+            return Err(ApiError::permission_denied(
+                "Missing or wrong CSRF token: a console session's changes must send the page's token in x-csrf-token. Reload the page and try again.",
+            ));
         }
+        refused("invalid_internal_token");
+        Err(ApiError::invalid_internal_token())
     }
 }

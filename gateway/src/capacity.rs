@@ -69,7 +69,7 @@ pub enum QueueRefusal {
 }
 
 /// A tier's load, as status reports show it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Load {
     pub in_flight: usize,
     pub capacity: usize,

@@ -8,6 +8,7 @@ pub mod capacity;
 pub mod circuit;
 pub mod cluster;
 pub mod config;
+pub mod console;
 pub mod error;
 pub mod exchange;
 pub mod images;

@@ -414,10 +414,12 @@ impl Router {
 }
 
 /// A provider's state as the admin API reports it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct TierState {
     pub tier: Tier,
     pub provider: Provider,
+    /// `up`, `down` (circuit open), `probing`, `unreachable` or `unconfigured`.
+    #[schema(value_type = String)]
     pub state: &'static str,
     /// Whether the tier can take a request now (configured, reachable, its circuit not open).
     pub available: bool,

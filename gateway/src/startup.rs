@@ -291,6 +291,7 @@ pub async fn open(settings: Settings) -> Result<Arc<AppState>, StartError> {
         mode: backends.mode,
         keys,
         router,
+        sessions: crate::console::Sessions::new(&admin_token),
         admin_token,
         producer,
         metrics: metrics_handle(),
@@ -354,7 +355,9 @@ pub async fn serve_on(
             tracing::debug!(error = %err, "could not set TCP_NODELAY");
         }
     });
-    axum::serve(listener, routes::router(state))
+    // The peer's address: failed console sign-ins are limited per address.
+    let app = routes::router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
         .map_err(|source| StartError::Listen { addr, source })

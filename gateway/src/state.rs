@@ -39,6 +39,8 @@ pub struct AppState {
     pub router: Arc<Router>,
     /// The admin credential for `/claw/v1`.
     pub admin_token: String,
+    /// The web console's sessions (signed with a key derived from the admin credential).
+    pub sessions: crate::console::Sessions,
     /// This instance's name in the ledger's `producer` field.
     pub producer: String,
     pub metrics: PrometheusHandle,

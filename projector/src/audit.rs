@@ -28,7 +28,7 @@ pub struct KeyState {
 }
 
 /// A key in the audit report: the replayed totals, and what the live models differ in.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AuditKey {
     pub key_id: String,
     pub name: String,
@@ -42,11 +42,12 @@ pub struct AuditKey {
 }
 
 /// The audit's result.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AuditReport {
     /// Ledger events replayed (offsets below `until`, summed over partitions).
     pub events: u64,
     /// The frontier replayed up to: where the live projection was when the audit began.
+    #[schema(value_type = BTreeMap<String, u64>)]
     pub until: Frontier,
     pub keys: Vec<AuditKey>,
     /// How many keys differ.

@@ -19,5 +19,6 @@ pub use key_changes::{KeyChange, KeyChanges};
 pub use runner::{Projector, ProjectorHandle, StoredStart, EMBEDDED_SOURCE};
 pub use store::{ReadModels, StoreError};
 pub use views::{
-    parse_time_bound, KeyRecord, KeyUsage, UsageDocument, UsageFilter, UsageRow, UsageTotals,
+    parse_time_bound, KeyRecord, KeyUsage, RequestRow, UsageDocument, UsageFilter, UsageRow,
+    UsageTotals,
 };

@@ -7,7 +7,8 @@ use claw_ledger::{format_time, Frontier, Tier};
 
 use crate::store::{ReadModels, StoreError};
 use crate::views::{
-    nanos_to_usd, KeyRecord, KeyUsage, TierUsage, UsageDocument, UsageFilter, UsageRow, UsageTotals,
+    nanos_to_usd, KeyRecord, KeyUsage, RequestRow, TierUsage, UsageDocument, UsageFilter, UsageRow,
+    UsageTotals,
 };
 
 type KeyRow = (
@@ -59,6 +60,51 @@ fn key_record(r: KeyRow) -> KeyRecord {
     }
 }
 
+/// (request_id, occurred_at, model, tier, provider, status, prompt, completion, total,
+/// cost_nanos, latency_ms)
+type RecentRow = (
+    String,
+    String,
+    String,
+    String,
+    String,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    Option<i64>,
+);
+
+fn request_row(r: RecentRow) -> RequestRow {
+    let (
+        request_id,
+        occurred_at,
+        model,
+        tier,
+        provider,
+        status,
+        prompt,
+        completion,
+        total,
+        cost,
+        latency,
+    ) = r;
+    RequestRow {
+        request_id,
+        occurred_at,
+        model,
+        tier,
+        provider,
+        status: u16::try_from(status).unwrap_or(0),
+        prompt_tokens: count(prompt),
+        completion_tokens: count(completion),
+        total_tokens: count(total),
+        cost_usd: nanos_to_usd(cost),
+        latency_ms: latency.map(count),
+    }
+}
+
 fn count(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
@@ -84,6 +130,24 @@ impl ReadModels {
             .fetch_optional(&self.pool)
             .await?;
         Ok(row.map(key_record))
+    }
+
+    /// A key's latest served requests, newest first.
+    pub async fn recent_requests(
+        &self,
+        key_id: &str,
+        limit: u32,
+    ) -> Result<Vec<RequestRow>, StoreError> {
+        let rows: Vec<RecentRow> = sqlx::query_as(
+            "SELECT request_id, occurred_at, model, tier, provider, status, prompt_tokens,
+                    completion_tokens, total_tokens, cost_nanos, latency_ms
+             FROM requests WHERE key_id = $1 ORDER BY occurred_at DESC, event_id DESC LIMIT $2",
+        )
+        .bind(key_id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(request_row).collect())
     }
 
     /// One key by the hash of its secret.

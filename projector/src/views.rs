@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 /// One API key as the projection knows it. The hash is never serialized.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct KeyRecord {
     pub id: String,
     pub name: String,
@@ -21,6 +21,25 @@ pub struct KeyRecord {
     pub created_at: String,
     pub last_used_at: Option<String>,
     pub revoked_at: Option<String>,
+}
+
+/// One served request of a key (the console's recent requests).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RequestRow {
+    pub request_id: String,
+    pub occurred_at: String,
+    /// The model that served it.
+    pub model: String,
+    pub tier: String,
+    pub provider: String,
+    /// HTTP status of the outcome (499: the client went away mid-stream).
+    pub status: u16,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
+    pub cost_usd: f64,
+    /// Absent for requests folded before latency was kept.
+    pub latency_ms: Option<u64>,
 }
 
 /// Which usage to report.
@@ -41,14 +60,14 @@ impl UsageFilter {
 }
 
 /// Requests and tokens of one tier.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TierUsage {
     pub requests: u64,
     pub total_tokens: u64,
 }
 
 /// A key's usage totals.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct KeyUsage {
     pub key_id: String,
     pub name: String,
@@ -67,7 +86,7 @@ pub struct KeyUsage {
 }
 
 /// Usage of one key on one UTC day with one model through one tier.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct UsageRow {
     pub key_id: String,
     pub day: String,
@@ -80,7 +99,7 @@ pub struct UsageRow {
 }
 
 /// Grand totals over the reported keys.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct UsageTotals {
     pub requests: u64,
     pub prompt_tokens: u64,
@@ -93,7 +112,7 @@ pub struct UsageTotals {
 }
 
 /// The usage document (`usage --json`, `GET /claw/v1/usage`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct UsageDocument {
     pub keys: Vec<KeyUsage>,
     pub usage: Vec<UsageRow>,

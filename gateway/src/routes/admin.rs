@@ -1,5 +1,6 @@
-//! The admin API under `/claw/v1` (internal token): keys (list, create, revoke), usage, the
-//! ledger's events, audits and the gateway's status. Commands emit their event and answer
+//! The admin API under `/claw/v1` (the internal token, or a console session): keys (list,
+//! show, create, revoke, recent requests), usage, the ledger's events, audits and the
+//! gateway's status. Commands emit their event and answer
 //! only once the projection shows it, so what the CLI just did holds on the next request.
 
 use std::sync::Arc;
@@ -8,20 +9,29 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
-use claw_ledger::{format_time, Envelope, Event, Frontier, KeyCreated, KeyRevoked, ReaderFeed};
-use claw_projector::{parse_time_bound, KeyChange, KeyRecord, UsageDocument, UsageFilter};
-use serde::Deserialize;
+use claw_ledger::{
+    format_time, Envelope, Event, Frontier, KeyCreated, KeyRevoked, ReaderFeed, Recorded,
+};
+use claw_projector::audit::AuditReport;
+use claw_projector::{
+    parse_time_bound, KeyChange, KeyRecord, RequestRow, UsageDocument, UsageFilter,
+};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use utoipa::{IntoParams, ToSchema};
 
 use super::body_or_error;
 use crate::auth::Admin;
-use crate::error::ApiError;
+use crate::error::{ApiError, Body as ErrorResponse};
 use crate::keys::{generate_secret, hash_secret};
 use crate::openai::parse_body;
+use crate::router::TierState;
 use crate::state::AppState;
 
 /// Longest a command waits for the projection to show its event.
@@ -59,15 +69,109 @@ async fn command(state: &AppState, event: Envelope) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Every key, oldest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct KeyList {
+    pub keys: Vec<KeyRecord>,
+}
+
+#[utoipa::path(get, path = "/claw/v1/api-keys", tag = "keys",
+    responses(
+        (status = 200, description = "Every key, oldest first", body = KeyList),
+        (status = 401, description = "No admin credential or console session", body = ErrorResponse),
+        (status = 503, description = "The read models are unavailable", body = ErrorResponse),
+    ))]
 pub async fn list_keys(
     _: Admin,
     State(state): State<Arc<AppState>>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<KeyList>, ApiError> {
     let keys = state.store.list_keys().await.map_err(store_error)?;
-    Ok(Json(json!({ "keys": keys })))
+    Ok(Json(KeyList { keys }))
 }
 
-#[derive(Debug, Deserialize)]
+#[utoipa::path(get, path = "/claw/v1/api-keys/{id}", tag = "keys",
+    params(("id" = String, Path, description = "The key's id")),
+    responses(
+        (status = 200, description = "The key", body = KeyRecord),
+        (status = 401, description = "No admin credential or console session", body = ErrorResponse),
+        (status = 404, description = "No key with this id", body = ErrorResponse),
+        (status = 503, description = "The read models are unavailable", body = ErrorResponse),
+    ))]
+/// One key.
+pub async fn get_key(
+    _: Admin,
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<KeyRecord>, ApiError> {
+    let key = state.store.key_by_id(&id).await.map_err(store_error)?;
+    key.map(Json).ok_or_else(|| no_such_key(&id))
+}
+
+fn no_such_key(id: &str) -> ApiError {
+    ApiError::not_found(format!("No API key with id `{id}`."))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct RequestsQuery {
+    pub limit: Option<u32>,
+}
+
+/// A key's latest served requests, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RequestList {
+    pub requests: Vec<RequestRow>,
+}
+
+/// Most requests one page of a key's requests holds.
+const MAX_REQUESTS_PAGE: u32 = 500;
+
+#[utoipa::path(get, path = "/claw/v1/api-keys/{id}/requests", tag = "keys",
+    params(("id" = String, Path, description = "The key's id"), RequestsQuery),
+    responses(
+        (status = 200, description = "The key's latest requests, newest first", body = RequestList),
+        (status = 400, description = "A bad `limit`", body = ErrorResponse),
+        (status = 401, description = "No admin credential or console session", body = ErrorResponse),
+        (status = 404, description = "No key with this id", body = ErrorResponse),
+        (status = 503, description = "The read models are unavailable", body = ErrorResponse),
+    ))]
+pub async fn key_requests(
+    _: Admin,
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Query(query): Query<RequestsQuery>,
+) -> Result<Json<RequestList>, ApiError> {
+    let limit = query.limit.unwrap_or(50);
+    if !(1..=MAX_REQUESTS_PAGE).contains(&limit) {
+        return Err(ApiError::invalid_request(
+            format!(
+                "Invalid 'limit': {limit} is not in the allowed range [1, {MAX_REQUESTS_PAGE}]."
+            ),
+            Some("limit".into()),
+        ));
+    }
+    if state
+        .store
+        .key_by_id(&id)
+        .await
+        .map_err(store_error)?
+        .is_none()
+    {
+        return Err(no_such_key(&id));
+    }
+    // Read your writes, as usage does.
+    if let Err(err) = state.caught_up(PROJECTION_WAIT).await {
+        tracing::warn!(error = %err, "the requests may miss the latest ones");
+    }
+    let requests = state
+        .store
+        .recent_requests(&id, limit)
+        .await
+        .map_err(store_error)?;
+    Ok(Json(RequestList { requests }))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct CreateKey {
     pub name: String,
     #[serde(default)]
@@ -80,6 +184,29 @@ fn default_rpm() -> u64 {
     60
 }
 
+/// A new key, with its secret: the only time the secret is shown.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CreatedKey {
+    pub id: String,
+    pub name: String,
+    /// The secret (`sk-nself-…`).
+    pub key: String,
+    pub key_prefix: String,
+    pub rpm_limit: u32,
+    pub admin_allowed: bool,
+    pub created_at: String,
+}
+
+#[utoipa::path(post, path = "/claw/v1/api-keys", tag = "keys",
+    request_body = CreateKey,
+    responses(
+        (status = 201, description = "The key, with its secret (shown only here); it works as soon as this returns", body = CreatedKey),
+        (status = 400, description = "A bad name or `rpm_limit`, or malformed JSON", body = ErrorResponse),
+        (status = 401, description = "No admin credential or console session", body = ErrorResponse),
+        (status = 403, description = "A console session's change without its CSRF token", body = ErrorResponse),
+        (status = 413, description = "The body is too large", body = ErrorResponse),
+        (status = 503, description = "The ledger or the read models are unavailable", body = ErrorResponse),
+    ))]
 pub async fn create_key(
     _: Admin,
     State(state): State<Arc<AppState>>,
@@ -123,23 +250,33 @@ pub async fn create_key(
     let created_at = format_time(event.occurred_at);
     command(&state, event).await?;
     tracing::info!(key_id = %id, %name, rpm_limit, admin_allowed = request.admin_allowed, "key created");
-    let body = json!({
-        "id": id,
-        "name": name,
-        "key": secret,
-        "key_prefix": key_prefix,
-        "rpm_limit": rpm_limit,
-        "admin_allowed": request.admin_allowed,
-        "created_at": created_at,
-    });
+    let body = CreatedKey {
+        id,
+        name,
+        key: secret,
+        key_prefix,
+        rpm_limit,
+        admin_allowed: request.admin_allowed,
+        created_at,
+    };
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct RevokeQuery {
     pub reason: Option<String>,
 }
 
+#[utoipa::path(delete, path = "/claw/v1/api-keys/{id}", tag = "keys",
+    params(("id" = String, Path, description = "The key's id"), RevokeQuery),
+    responses(
+        (status = 200, description = "The key, revoked (revoking twice changes nothing)", body = KeyRecord),
+        (status = 401, description = "No admin credential or console session", body = ErrorResponse),
+        (status = 403, description = "A console session's change without its CSRF token", body = ErrorResponse),
+        (status = 404, description = "No key with this id", body = ErrorResponse),
+        (status = 503, description = "The ledger or the read models are unavailable", body = ErrorResponse),
+    ))]
 pub async fn revoke_key(
     _: Admin,
     State(state): State<Arc<AppState>>,
@@ -148,7 +285,7 @@ pub async fn revoke_key(
 ) -> Result<Json<KeyRecord>, ApiError> {
     let key = state.store.key_by_id(&id).await.map_err(store_error)?;
     let Some(key) = key else {
-        return Err(ApiError::not_found(format!("No API key with id `{id}`.")));
+        return Err(no_such_key(&id));
     };
     if key.is_active {
         let event = Envelope::new(
@@ -166,13 +303,22 @@ pub async fn revoke_key(
         .ok_or_else(|| ApiError::internal("the revoked key vanished from the read models"))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct UsageQuery {
     pub key_id: Option<String>,
     pub since: Option<String>,
     pub until: Option<String>,
 }
 
+#[utoipa::path(get, path = "/claw/v1/usage", tag = "usage",
+    params(UsageQuery),
+    responses(
+        (status = 200, description = "Usage per key, per day, model and tier, and totals", body = UsageDocument),
+        (status = 400, description = "A bad `since` or `until`", body = ErrorResponse),
+        (status = 401, description = "No admin credential or console session", body = ErrorResponse),
+        (status = 503, description = "The read models are unavailable", body = ErrorResponse),
+    ))]
 pub async fn usage(
     _: Admin,
     State(state): State<Arc<AppState>>,
@@ -181,6 +327,14 @@ pub async fn usage(
     usage_document(&state, query).await.map(Json)
 }
 
+#[utoipa::path(get, path = "/claw/v1/usage.csv", tag = "usage",
+    params(UsageQuery),
+    responses(
+        (status = 200, description = "One line per key, day, model and tier", content_type = "text/csv", body = String),
+        (status = 400, description = "A bad `since` or `until`", body = ErrorResponse),
+        (status = 401, description = "No admin credential or console session", body = ErrorResponse),
+        (status = 503, description = "The read models are unavailable", body = ErrorResponse),
+    ))]
 /// The usage document's rows as CSV, one line per key, day, model and tier (the console's
 /// export; the same `key_id`/`since`/`until` filters).
 pub async fn usage_csv(
@@ -266,53 +420,116 @@ async fn usage_document(state: &AppState, query: UsageQuery) -> Result<UsageDocu
     Ok(doc)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Copy, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct EventsQuery {
+    /// The first offset to read in every partition (inclusive).
     #[serde(default)]
     pub from: u64,
+    /// Instead of `from`: only the last `tail` events of every partition.
+    pub tail: Option<u64>,
     #[serde(default)]
     pub follow: bool,
 }
 
-/// The ledger from `from` as NDJSON (`{"partition","offset","event"}` per line); with
-/// `follow`, the response stays open and carries new events as they are appended.
+/// How often an idle event stream sends a keep-alive comment (so proxies keep it open).
+const SSE_KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+#[utoipa::path(get, path = "/claw/v1/events", tag = "ledger",
+    params(EventsQuery),
+    responses(
+        (status = 200, description = "Ledger records `{partition, offset, event}`: NDJSON, or server-sent events for `Accept: text/event-stream`", content_type = "application/x-ndjson", body = String),
+        (status = 401, description = "No admin credential or console session", body = ErrorResponse),
+    ))]
+/// The ledger from `from` (or its last `tail` events), one record
+/// (`{"partition","offset","event"}`) at a time: NDJSON, or server-sent events when the
+/// client asks for `text/event-stream` (as a browser's `EventSource` does). With `follow`, the
+/// response stays open and carries new events as they are appended.
 pub async fn events(
     _: Admin,
     State(state): State<Arc<AppState>>,
     Query(query): Query<EventsQuery>,
+    headers: HeaderMap,
 ) -> Response {
     if let Err(err) = state.outbox.flush(PROJECTION_WAIT).await {
         tracing::warn!(error = %err, "the events may miss the latest requests");
     }
+    let records = ledger_records(&state, query);
+    let wants_sse = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/event-stream"));
+    if wants_sse {
+        let events = records.map(|record| {
+            Ok::<_, std::convert::Infallible>(match record {
+                Ok(rec) => SseEvent::default()
+                    .id(format!("{}:{}", rec.partition, rec.offset))
+                    .json_data(&rec)
+                    .unwrap_or_else(|e| SseEvent::default().event("error").data(e.to_string())),
+                Err(err) => SseEvent::default().event("error").data(err.to_string()),
+            })
+        });
+        return Sse::new(events)
+            .keep_alive(KeepAlive::new().interval(SSE_KEEP_ALIVE))
+            .into_response();
+    }
+    let lines = records.map(|record| {
+        record.map(|rec| {
+            let mut line = serde_json::to_vec(&rec).unwrap_or_default();
+            line.push(b'\n');
+            Bytes::from(line)
+        })
+    });
+    (
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(lines),
+    )
+        .into_response()
+}
+
+/// The ledger's records for `query`, read by a task into a bounded channel; the stream ends
+/// when the reading does (or the client goes).
+fn ledger_records(
+    state: &AppState,
+    query: EventsQuery,
+) -> impl futures::Stream<Item = Result<Recorded, std::io::Error>> {
     let reader = state.reader.clone();
     let mut appended = state.appender.appended();
-    let stream = async_stream_lines(move |tx| async move {
-        // Every partition from the same offset `from` (inclusive).
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        let failed = |err: claw_ledger::LedgerError| Err(std::io::Error::other(err.to_string()));
         let ends = match reader.ends().await {
             Ok(ends) => ends,
             Err(err) => {
-                let _ = tx.send(Err(std::io::Error::other(err.to_string()))).await;
+                let _ = tx.send(failed(err)).await;
                 return;
             }
         };
-        let from: Frontier = ends.iter().map(|(p, _)| (p, query.from)).collect();
+        let from: Frontier = ends
+            .iter()
+            .map(|(p, end)| {
+                let first = query
+                    .tail
+                    .map_or(query.from, |tail| end.saturating_sub(tail));
+                (p, first)
+            })
+            .collect();
         let mut feed = ReaderFeed::new(reader, from);
         loop {
             let page = match feed.read_ready(EVENTS_PAGE).await {
                 Ok(page) => page,
                 Err(err) => {
-                    let _ = tx.send(Err(std::io::Error::other(err.to_string()))).await;
+                    let _ = tx.send(failed(err)).await;
                     return;
                 }
             };
-            for rec in &page {
-                let mut line = serde_json::to_vec(rec).unwrap_or_default();
-                line.push(b'\n');
-                if tx.send(Ok(Bytes::from(line))).await.is_err() {
+            let full = page.len() == EVENTS_PAGE;
+            for rec in page {
+                if tx.send(Ok(rec)).await.is_err() {
                     return;
                 }
             }
-            if page.len() == EVENTS_PAGE {
+            if full {
                 continue;
             }
             if !query.follow {
@@ -325,30 +542,20 @@ pub async fn events(
             }
         }
     });
-    (
-        [(header::CONTENT_TYPE, "application/x-ndjson")],
-        Body::from_stream(stream),
-    )
-        .into_response()
-}
-
-/// Runs `produce` in a task feeding a bounded channel, and returns the channel as a stream.
-fn async_stream_lines<F, Fut>(
-    produce: F,
-) -> tokio_stream::wrappers::ReceiverStream<Result<Bytes, std::io::Error>>
-where
-    F: FnOnce(tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    tokio::spawn(produce(tx));
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
+#[utoipa::path(post, path = "/claw/v1/audit", tag = "ledger",
+    responses(
+        (status = 200, description = "The ledger replayed into a scratch projection and compared with the live one", body = AuditReport),
+        (status = 401, description = "No admin credential or console session", body = ErrorResponse),
+        (status = 403, description = "A console session's change without its CSRF token", body = ErrorResponse),
+        (status = 503, description = "The ledger or the read models are unavailable", body = ErrorResponse),
+    ))]
 pub async fn audit(
     _: Admin,
     State(state): State<Arc<AppState>>,
-) -> Result<Json<claw_projector::audit::AuditReport>, ApiError> {
+) -> Result<Json<AuditReport>, ApiError> {
     let report = claw_projector::audit::audit(state.reader.clone(), &state.store, &state.source)
         .await
         .map_err(store_error)?;
@@ -361,7 +568,63 @@ pub async fn audit(
     Ok(Json(report))
 }
 
-pub async fn status(_: Admin, State(state): State<Arc<AppState>>) -> Json<Value> {
+/// The gateway's state: version, uptime, tiers, ledger, outbox and projection.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Status {
+    #[schema(value_type = String)]
+    pub version: &'static str,
+    pub started_at: String,
+    pub uptime_s: u64,
+    /// `embedded` or `distributed`.
+    #[schema(value_type = String)]
+    pub mode: &'static str,
+    pub models: Vec<String>,
+    pub tiers: Vec<TierState>,
+    pub ledger: LedgerStatus,
+    pub outbox: OutboxStatus,
+    pub projection: ProjectionStatus,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LedgerStatus {
+    /// `sqlite` or `kafka`.
+    #[schema(value_type = String)]
+    pub backend: &'static str,
+    /// The next offset of every partition, as the ledger reports it (or why it could not).
+    #[schema(value_type = Object)]
+    pub ends: Value,
+    /// How far this gateway's own appends reached.
+    #[schema(value_type = BTreeMap<String, u64>)]
+    pub appended_here: Frontier,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct OutboxStatus {
+    /// Events waiting to reach the ledger.
+    pub backlog: u64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ProjectionStatus {
+    /// The projection's name for this ledger.
+    pub source: String,
+    /// `running`, `stalled` or `stopped`.
+    #[schema(value_type = String)]
+    pub state: &'static str,
+    #[schema(value_type = BTreeMap<String, u64>)]
+    pub applied: Frontier,
+    /// Events in the ledger not yet folded (every gateway's).
+    pub lag_events: u64,
+    /// Time since the projection last moved.
+    pub idle_ms: u64,
+}
+
+#[utoipa::path(get, path = "/claw/v1/status", tag = "status",
+    responses(
+        (status = 200, description = "The gateway's state", body = Status),
+        (status = 401, description = "No admin credential or console session", body = ErrorResponse),
+    ))]
+pub async fn status(_: Admin, State(state): State<Arc<AppState>>) -> Json<Status> {
     // Ask the upstreams now, so the tier states are current rather than up to 30 s old.
     state.router.refresh_models().await;
     let models: Vec<String> = state
@@ -376,18 +639,30 @@ pub async fn status(_: Admin, State(state): State<Arc<AppState>>) -> Json<Value>
     let ends = state.reader.ends().await;
     let lag = applied.behind(ends.as_ref().unwrap_or(&appended));
     let ends = ends.map_or_else(|err| json!({"error": err.to_string()}), |e| json!(e));
-    Json(json!({
-        "models": models,
-        "tiers": state.router.tier_states(),
-        "mode": state.mode,
-        "ledger": {"backend": state.appender.backend(), "ends": ends, "appended_here": appended},
-        "outbox": {"backlog": state.outbox.backlog()},
-        "projection": {
-            "source": state.source,
-            "state": state.projector.condition(lag),
-            "applied": applied,
-            "lag_events": lag,
-            "idle_ms": super::health::millis(state.projector.idle()),
+    let now = chrono::Utc::now();
+    Json(Status {
+        version: env!("CARGO_PKG_VERSION"),
+        started_at: chrono::DateTime::from_timestamp(state.started_at, 0)
+            .map(format_time)
+            .unwrap_or_default(),
+        uptime_s: u64::try_from(now.timestamp() - state.started_at).unwrap_or(0),
+        mode: state.mode,
+        models,
+        tiers: state.router.tier_states(),
+        ledger: LedgerStatus {
+            backend: state.appender.backend(),
+            ends,
+            appended_here: appended,
         },
-    }))
+        outbox: OutboxStatus {
+            backlog: state.outbox.backlog() as u64,
+        },
+        projection: ProjectionStatus {
+            source: state.source.clone(),
+            state: state.projector.condition(lag),
+            applied,
+            lag_events: lag,
+            idle_ms: super::health::millis(state.projector.idle()),
+        },
+    })
 }

@@ -1,11 +1,13 @@
 //! HTTP handlers, one module per surface: the OpenAI API (`chat`, `embeddings`, `models`), the
-//! admin API (`admin`) and the unauthenticated probes (`health`).
+//! admin API (`admin`) and its document (`openapi`), and the unauthenticated probes
+//! (`health`). The web console's routes live in `crate::console`.
 
 pub mod admin;
 pub mod chat;
 pub mod embeddings;
 pub mod health;
 pub mod models;
+pub mod openapi;
 
 use std::sync::Arc;
 
@@ -14,7 +16,7 @@ use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::{delete, get, post};
+use axum::routing::{get, post};
 use bytes::Bytes;
 use claw_ledger::Provider;
 use tower_http::trace::TraceLayer;
@@ -50,15 +52,21 @@ pub fn router(state: Arc<AppState>) -> axum::Router {
             "/claw/v1/api-keys",
             get(admin::list_keys).post(admin::create_key),
         )
-        .route("/claw/v1/api-keys/{id}", delete(admin::revoke_key))
+        .route(
+            "/claw/v1/api-keys/{id}",
+            get(admin::get_key).delete(admin::revoke_key),
+        )
+        .route("/claw/v1/api-keys/{id}/requests", get(admin::key_requests))
         .route("/claw/v1/usage", get(admin::usage))
         .route("/claw/v1/usage.csv", get(admin::usage_csv))
         .route("/claw/v1/events", get(admin::events))
         .route("/claw/v1/audit", post(admin::audit))
         .route("/claw/v1/status", get(admin::status))
+        .route("/claw/v1/openapi.json", get(openapi::document))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
+        .merge(crate::console::routes())
         .fallback(|| async { ApiError::not_found("Unknown route. The OpenAI API is under /v1.") })
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn_with_state(

@@ -196,9 +196,9 @@ pub fn claims(batch: &[Recorded]) -> Vec<Statement> {
     for chunk in served.chunks(ROWS_PER_STATEMENT) {
         let mut st = Statement::multi_row(
             "INSERT INTO requests (event_id, request_id, key_id, occurred_at, model, tier, provider, status,
-                                   prompt_tokens, completion_tokens, total_tokens, cost_nanos)",
+                                   prompt_tokens, completion_tokens, total_tokens, cost_nanos, latency_ms)",
             chunk.len(),
-            12,
+            13,
             "ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
         );
         for r in chunk {
@@ -214,7 +214,8 @@ pub fn claims(batch: &[Recorded]) -> Vec<Statement> {
                 .bind(int(r.s.prompt_tokens))
                 .bind(int(r.s.completion_tokens))
                 .bind(int(r.s.total_tokens))
-                .bind(to_nanos(r.s.cost_usd));
+                .bind(to_nanos(r.s.cost_usd))
+                .bind(int(r.s.latency_ms));
         }
         statements.push(st);
     }

@@ -6,6 +6,7 @@ mod admin;
 mod anthropic;
 mod bad_input;
 mod chat;
+mod console;
 mod failures;
 mod gemini;
 mod keep_alive;
