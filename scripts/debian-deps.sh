@@ -10,6 +10,8 @@
 #   g++                   C/C++ compiler for librdkafka and other native code
 # test: what the tests start besides the project's own binaries
 #   nginx-light           the reverse proxy in front of the gateway (nginx/conf.d)
+#   chromium              the headless browser of the console's browser tests (Playwright drives
+#                         /usr/bin/chromium; Playwright's own browser downloads don't work here)
 #
 # Usage: scripts/debian-deps.sh build|test   (as root, or with passwordless sudo)
 set -euo pipefail
@@ -17,7 +19,7 @@ set -euo pipefail
 SET="${1:-}"
 case "$SET" in
   build) PACKAGES=(cmake libcurl4-openssl-dev pkg-config libssl-dev g++) ;;
-  test) PACKAGES=(nginx-light) ;;
+  test) PACKAGES=(nginx-light chromium) ;;
   *) echo "usage: $0 build|test" >&2; exit 2 ;;
 esac
 

@@ -3,15 +3,17 @@
 # binary and the process-level restart/crash tests), the in-process gateway suites a second
 # time on real Kafka and PostgreSQL (distributed mode), then the official OpenAI SDKs for
 # Python and Node against a real `nself claw serve` (with agent clients too — the SDKs' tool
-# loops, LangChain, the Vercel AI SDK — running tool loops against each provider's fake), and
-# last, alone, the distributed fault tests (the broker frozen and killed, a projector killed,
-# PostgreSQL restarted). Run from anywhere; needs Rust, Python 3, Node and Java (for Kafka);
-# installs the Debian packages the build and the services need and starts PostgreSQL and
-# Kafka on loopback (scripts/services.sh; `scripts/services.sh down` stops them).
+# loops, LangChain, the Vercel AI SDK — running tool loops against each provider's fake; the
+# web console in headless Debian chromium), the admin API fuzzed by schemathesis from its
+# OpenAPI document, and last, alone, the distributed fault tests (the broker frozen and
+# killed, a projector killed, PostgreSQL restarted). Run from anywhere; needs Rust, Python 3,
+# Node and Java (for Kafka); installs the Debian packages the build and the services need and
+# starts PostgreSQL and Kafka on loopback (scripts/services.sh; `scripts/services.sh down`
+# stops them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-echo "==> Debian packages: the build's, and the tests' (nginx)"
+echo "==> Debian packages: the build's, and the tests' (nginx, chromium)"
 scripts/debian-deps.sh build
 scripts/debian-deps.sh test
 
@@ -35,6 +37,9 @@ CLAW_TEST_BACKEND=distributed cargo test -p claw-tests --test it --locked
 echo "==> Python: the official openai SDK and LangChain against nself claw serve"
 python="$(scripts/python-env.sh | tail -n 1)"
 CLAW_BIN_DIR="$PWD/target/debug" "$python" -m pytest -q tests/python
+
+echo "==> schemathesis: the admin API fuzzed from its OpenAPI document (nself claw serve)"
+CLAW_BIN_DIR="$PWD/target/debug" scripts/fuzz-admin.sh
 
 echo "==> Node: the official openai SDK and the Vercel AI SDK against nself claw serve"
 scripts/node-env.sh

@@ -4,6 +4,9 @@ with a temporary data dir, and drive the CLI.
 
     cargo build -p nself -p claw-tests
     $(scripts/python-env.sh | tail -1) -m pytest -q tests/python
+
+Browser tests use the `browser` fixture (Debian's chromium driven by Playwright) and
+`screenshot(page, name)`.
 """
 
 import json
@@ -25,6 +28,15 @@ REPO = Path(__file__).resolve().parents[2]
 BIN_DIR = Path(os.environ.get("CLAW_BIN_DIR", REPO / "target" / "debug")).resolve()
 SECRET = "python-sdk-test-secret"
 STARTUP_DEADLINE_S = 30.0
+# Debian's chromium (scripts/debian-deps.sh test), never a browser Playwright downloads.
+CHROMIUM = Path(os.environ.get("CLAW_CHROMIUM", "/usr/bin/chromium"))
+# As root on a closed network: no sandbox, no GPU, and none of Chromium's own connections
+# to Google's hosts (refused here, many at a time).
+CHROMIUM_ARGS = (
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+)
+SCREENSHOTS = Path(os.environ.get("CLAW_SCREENSHOTS", REPO / "target" / "screenshots"))
 # Provider settings the gateway must not pick up from the caller's shell or a `.env`.
 HERMETIC_UNSET = (
     "GEMINI_API_KEYS", "GEMINI_BASE_URL", "GEMINI_MODEL",
@@ -255,6 +267,34 @@ class Stack:
     def close(self) -> None:
         for proc in reversed(self.procs):
             stop(proc)
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Debian chromium under Playwright's sync API, shared by the session's tests
+    (each test makes its own `browser.new_page()` or context and closes it)."""
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} missing: run `scripts/debian-deps.sh test` "
+                    "(or point CLAW_CHROMIUM at a Chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=list(CHROMIUM_ARGS),
+        )
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def screenshot(page, name: str) -> Path:
+    """Saves a full-page PNG of `page` as `<CLAW_SCREENSHOTS>/<name>.png` (default
+    <repo>/target/screenshots) and returns its path."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    path = SCREENSHOTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path
 
 
 def poll(check, what: str, timeout_s: float = 15.0):

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use utoipa::{IntoParams, ToSchema};
 
-use super::body_or_error;
+use super::{body_or_error, ApiQuery};
 use crate::auth::Admin;
 use crate::error::{ApiError, Body as ErrorResponse};
 use crate::keys::{generate_secret, hash_secret};
@@ -114,6 +114,8 @@ fn no_such_key(id: &str) -> ApiError {
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct RequestsQuery {
+    /// How many (default 50).
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<u32>,
 }
 
@@ -139,7 +141,7 @@ pub async fn key_requests(
     _: Admin,
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
-    Query(query): Query<RequestsQuery>,
+    ApiQuery(query): ApiQuery<RequestsQuery>,
 ) -> Result<Json<RequestList>, ApiError> {
     let limit = query.limit.unwrap_or(50);
     if !(1..=MAX_REQUESTS_PAGE).contains(&limit) {
@@ -173,10 +175,14 @@ pub async fn key_requests(
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct CreateKey {
+    /// 1 to 200 characters, not all blank.
+    #[schema(min_length = 1, max_length = 200, pattern = r"\S")]
     pub name: String,
     #[serde(default)]
     pub admin_allowed: bool,
+    /// Requests per minute (default 60).
     #[serde(default = "default_rpm")]
+    #[schema(minimum = 1, maximum = 1_000_000)]
     pub rpm_limit: u64,
 }
 
@@ -281,7 +287,7 @@ pub async fn revoke_key(
     _: Admin,
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
-    Query(query): Query<RevokeQuery>,
+    ApiQuery(query): ApiQuery<RevokeQuery>,
 ) -> Result<Json<KeyRecord>, ApiError> {
     let key = state.store.key_by_id(&id).await.map_err(store_error)?;
     let Some(key) = key else {
@@ -322,7 +328,7 @@ pub struct UsageQuery {
 pub async fn usage(
     _: Admin,
     State(state): State<Arc<AppState>>,
-    Query(query): Query<UsageQuery>,
+    ApiQuery(query): ApiQuery<UsageQuery>,
 ) -> Result<Json<UsageDocument>, ApiError> {
     usage_document(&state, query).await.map(Json)
 }
@@ -340,7 +346,7 @@ pub async fn usage(
 pub async fn usage_csv(
     _: Admin,
     State(state): State<Arc<AppState>>,
-    Query(query): Query<UsageQuery>,
+    ApiQuery(query): ApiQuery<UsageQuery>,
 ) -> Result<Response, ApiError> {
     let doc = usage_document(&state, query).await?;
     let names: std::collections::HashMap<&str, &str> = doc
@@ -448,7 +454,7 @@ const SSE_KEEP_ALIVE: Duration = Duration::from_secs(15);
 pub async fn events(
     _: Admin,
     State(state): State<Arc<AppState>>,
-    Query(query): Query<EventsQuery>,
+    ApiQuery(query): ApiQuery<EventsQuery>,
     headers: HeaderMap,
 ) -> Response {
     if let Err(err) = state.outbox.flush(PROJECTION_WAIT).await {

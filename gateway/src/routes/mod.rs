@@ -12,13 +12,15 @@ pub mod openapi;
 use std::sync::Arc;
 
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Request};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Query, Request};
+use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
 use bytes::Bytes;
 use claw_ledger::Provider;
+use serde::de::DeserializeOwned;
 use tower_http::trace::TraceLayer;
 
 use crate::error::ApiError;
@@ -90,6 +92,21 @@ pub fn body_or_error(body: Result<Bytes, BytesRejection>, limit: usize) -> Resul
             )
         }
     })
+}
+
+/// A query string; one that does not parse gets the OpenAI-shaped 400 (axum's own rejection
+/// is plain text).
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(query)) => Ok(Self(query)),
+            Err(rejection) => Err(ApiError::invalid_request(rejection.body_text(), None)),
+        }
+    }
 }
 
 /// Adds `x-nself-tier` and `x-nself-provider` to a served response.
