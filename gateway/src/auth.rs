@@ -95,7 +95,9 @@ impl FromRequestParts<Arc<AppState>> for Admin {
             if bool::from(token.as_bytes().ct_eq(state.admin_token.as_bytes())) {
                 return Ok(Admin);
             }
-        } else if let Some(session) = crate::console::session_of(&parts.headers, &state.sessions) {
+        } else if let Some(session) =
+            crate::console::session_of(&parts.headers, &state.sessions, &state.store).await
+        {
             let csrf = parts.headers.get(CSRF_HEADER).and_then(|v| v.to_str().ok());
             if parts.method.is_safe()
                 || csrf.is_some_and(|t| state.sessions.csrf_matches(&session, t))

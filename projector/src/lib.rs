@@ -11,6 +11,7 @@ pub mod queries;
 pub mod runner;
 pub mod service;
 pub mod sessions;
+pub mod sign_outs;
 pub mod store;
 pub mod views;
 pub mod watch;

@@ -23,6 +23,8 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tower_http::set_header::SetResponseHeaderLayer;
 
+use claw_projector::ReadModels;
+
 use crate::state::AppState;
 pub use session::{Session, Sessions, SignInRefusal};
 
@@ -47,8 +49,8 @@ static ASSET_VERSION: LazyLock<String> = LazyLock::new(|| {
 /// The console's routes.
 pub fn routes() -> axum::Router<Arc<AppState>> {
     axum::Router::new()
-        .route("/claw", get(|| async { Redirect::to(HOME) }))
-        .route("/claw/", get(|| async { Redirect::to(HOME) }))
+        .route("/claw", get(|| async { Redirect::permanent("/claw/") }))
+        .route("/claw/", get(home))
         .route("/claw/sign-in", get(sign_in_page).post(sign_in))
         .route("/claw/sign-out", post(sign_out))
         .route("/claw/usage", get(usage))
@@ -76,16 +78,29 @@ pub fn routes() -> axum::Router<Arc<AppState>> {
         ))
 }
 
-/// The session of a request's `claw_session` cookie, if genuine and current.
-pub fn session_of(headers: &HeaderMap, sessions: &Sessions) -> Option<Session> {
-    headers
+/// The session of a request's `claw_session` cookie, if genuine, current and not signed out
+/// on any gateway. When the read models cannot say, the session is refused.
+pub async fn session_of(
+    headers: &HeaderMap,
+    sessions: &Sessions,
+    store: &ReadModels,
+) -> Option<Session> {
+    let session = headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(Cookie::split_parse)
         .filter_map(Result::ok)
         .filter(|c| c.name() == session::COOKIE)
-        .find_map(|c| sessions.verify(c.value()))
+        .find_map(|c| sessions.verify(c.value()))?;
+    match store.is_signed_out(session.id()).await {
+        Ok(false) => Some(session),
+        Ok(true) => None,
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot check console sign-outs; the session is refused");
+            None
+        }
+    }
 }
 
 /// A signed-in visitor of a page; anyone else is sent to sign in, and back afterwards.
@@ -100,7 +115,7 @@ impl FromRequestParts<Arc<AppState>> for SignedIn {
         parts: &mut Parts,
         state: &Arc<AppState>,
     ) -> Result<Self, Self::Rejection> {
-        let Some(session) = session_of(&parts.headers, &state.sessions) else {
+        let Some(session) = session_of(&parts.headers, &state.sessions, &state.store).await else {
             let next = parts.uri.path_and_query().map_or(HOME, |p| p.as_str());
             let query = form_urlencoded::Serializer::new(String::new())
                 .append_pair("next", next)
@@ -160,7 +175,10 @@ async fn sign_in_page(
     axum::extract::Query(query): axum::extract::Query<SignInQuery>,
 ) -> Response {
     let next = safe_next(query.next.as_deref());
-    if session_of(&headers, &state.sessions).is_some() {
+    if session_of(&headers, &state.sessions, &state.store)
+        .await
+        .is_some()
+    {
         return Redirect::to(next).into_response();
     }
     render_sign_in(StatusCode::OK, next, None)
@@ -250,13 +268,23 @@ async fn sign_out(
     headers: HeaderMap,
     Form(form): Form<SignOutForm>,
 ) -> Response {
-    let Some(session) = session_of(&headers, &state.sessions) else {
+    let Some(session) = session_of(&headers, &state.sessions, &state.store).await else {
         return Redirect::to("/claw/sign-in").into_response();
     };
     if !state.sessions.csrf_matches(&session, &form.csrf) {
         return (StatusCode::FORBIDDEN, "Missing or wrong CSRF token.").into_response();
     }
     state.sessions.sign_out(&session);
+    let now = chrono::Utc::now().timestamp();
+    if let Err(err) = state
+        .store
+        .record_sign_out(session.id(), session.expires(), now)
+        .await
+    {
+        // The cookie is cleared below and this gateway refuses the session; others would
+        // accept it until it expires.
+        tracing::error!(error = %err, "could not record a console sign-out for the other gateways");
+    }
     tracing::info!("console sign-out");
     let cleared = Cookie::build((session::COOKIE, ""))
         .http_only(true)
@@ -294,6 +322,18 @@ macro_rules! page {
 }
 
 page!(usage, UsagePage, "usage.html", "usage");
+
+/// `/claw/`: the usage page when signed in, else the sign-in form (so the console's address
+/// answers 200 either way, without a redirect).
+async fn home(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    match session_of(&headers, &state.sessions, &state.store).await {
+        Some(session) => {
+            let csrf = state.sessions.csrf_token(&session);
+            usage(SignedIn { csrf }).await
+        }
+        None => render_sign_in(StatusCode::OK, HOME, None),
+    }
+}
 page!(keys, KeysPage, "keys.html", "keys");
 page!(ledger, LedgerPage, "ledger.html", "ledger");
 page!(health, HealthPage, "health.html", "health");

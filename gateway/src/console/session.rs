@@ -3,8 +3,8 @@
 //!
 //! A session is stateless: its cookie carries an id and an expiry, signed with a key derived
 //! from the admin credential, so every gateway sharing the credential accepts it and changing
-//! the credential ends every session. A sign-out is remembered by the gateway that received
-//! it until the session would have expired.
+//! the credential ends every session. A sign-out is remembered here and in the read models
+//! (so every gateway refuses the session) until the session would have expired.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -35,6 +35,17 @@ pub struct Session {
     id: String,
     /// Unix seconds.
     expires: i64,
+}
+
+impl Session {
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Unix seconds.
+    pub fn expires(&self) -> i64 {
+        self.expires
+    }
 }
 
 /// Why a sign-in was refused.
@@ -114,7 +125,7 @@ impl Sessions {
     }
 
     /// The session a cookie value stands for, when it is genuine, unexpired and not signed
-    /// out.
+    /// out here (the caller asks the read models about other gateways).
     pub fn verify(&self, cookie: &str) -> Option<Session> {
         let (payload, signature) = cookie.rsplit_once('.')?;
         let signature = hex::decode(signature).ok()?;
@@ -134,7 +145,7 @@ impl Sessions {
         })
     }
 
-    /// Ends `session` on this gateway.
+    /// Remembers that `session` was signed out (the caller records it in the read models).
     pub fn sign_out(&self, session: &Session) {
         let now = chrono::Utc::now().timestamp();
         let mut signed_out = lock(&self.signed_out);

@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use claw_gateway::console::{session_of, Sessions};
 use claw_tests::gateway::TestGateway;
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
@@ -128,12 +129,18 @@ async fn pages_need_a_session_and_signing_in_sets_a_strict_expiring_cookie() {
         assert!(to.starts_with("/claw/sign-in?"), "{to}");
         assert_eq!(next, path, "sent back to {path} after signing in");
     }
+    // The console's address answers with the sign-in form, and once signed in with usage.
     let root = browser
         .request(Method::GET, "/claw/", None)
         .send()
         .await
         .unwrap();
-    assert_eq!(root.headers()[LOCATION], "/claw/usage");
+    assert_eq!(root.status(), 200);
+    let form = root.text().await.unwrap();
+    assert!(form.contains("action=\"/claw/sign-in\"") && form.contains("value=\"/claw/usage\""));
+    let cookie = browser.session().await;
+    let (home, _) = browser.page("/claw/", &cookie).await;
+    assert!(home.contains("data-page=\"usage\""));
 
     let form = browser
         .request(Method::GET, "/claw/sign-in", None)
@@ -370,6 +377,21 @@ async fn signing_out_ends_the_session() {
         .await
         .unwrap();
     assert_eq!(api.status(), StatusCode::UNAUTHORIZED, "nor the API");
+
+    // Another gateway sharing the credential and the read models (it never saw this session
+    // nor its sign-out) refuses it too, and accepts a live one.
+    let other_gateway = Sessions::new(&gw.admin_token);
+    let headers = |c: &str| {
+        let mut headers = axum::http::HeaderMap::new();
+        headers.insert("cookie", format!("claw_session={c}").parse().unwrap());
+        headers
+    };
+    let signed_out = session_of(&headers(&cookie), &other_gateway, &gw.state.store).await;
+    assert!(signed_out.is_none(), "the sign-out is shared");
+    let live = browser.session().await;
+    assert!(session_of(&headers(&live), &other_gateway, &gw.state.store)
+        .await
+        .is_some());
 }
 
 #[tokio::test]
@@ -449,6 +471,8 @@ async fn a_keys_page_reads_the_key_and_its_recent_requests() {
     for (path, status) in [
         (format!("/claw/v1/api-keys/{id}/requests?limit=0"), 400),
         (format!("/claw/v1/api-keys/{id}/requests?limit=501"), 400),
+        (format!("/claw/v1/api-keys/{id}/requests?limit=-1"), 400),
+        ("/claw/v1/usage?since=1h&since=2h".to_owned(), 400),
         ("/claw/v1/api-keys/no-such-key/requests".to_owned(), 404),
         ("/claw/v1/api-keys/no-such-key".to_owned(), 404),
     ] {
