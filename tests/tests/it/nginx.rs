@@ -1,6 +1,7 @@
 //! The shipped nginx site (`nginx/conf.d/claw-gateway.conf`) in a real nginx in front of the
 //! gateway, on loopback and plain HTTP: streamed completions arrive through it chunk by chunk,
-//! and the gateway's headers and errors pass through unchanged.
+//! the gateway's headers and errors pass through unchanged, and the web console signs in and
+//! follows the live ledger through it.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -229,4 +230,69 @@ async fn streams_arrive_chunk_by_chunk_through_nginx_with_the_gateways_headers()
     assert!(refused.headers().contains_key("x-request-id"));
     let error: Value = refused.json().await.expect("an OpenAI-shaped error");
     assert_eq!(error["error"]["code"], "invalid_api_key", "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_console_signs_in_and_follows_the_ledger_live_through_nginx() {
+    let gw = TestGateway::start().await;
+    let (_, key) = gw.create_key("console-behind-nginx", 600, false).await;
+    let nginx = Nginx::start(&gw.url).await;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client");
+
+    let signed_in = http
+        .post(format!("{}/claw/sign-in", nginx.url))
+        .form(&[("secret", gw.admin_token.as_str())])
+        .send()
+        .await
+        .expect("a sign-in through nginx");
+    assert_eq!(signed_in.status(), 303, "{}", nginx.error_log());
+    let set_cookie = signed_in.headers()["set-cookie"].to_str().expect("ASCII");
+    // The site passes the scheme on: plain HTTP here, so the cookie is not marked Secure
+    // (behind the shipped site's TLS it is).
+    assert!(set_cookie.contains("HttpOnly") && !set_cookie.contains("Secure"));
+    let cookie = set_cookie.split(';').next().expect("name=value").to_owned();
+    let page = http
+        .get(format!("{}/claw/ledger", nginx.url))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .expect("a page through nginx");
+    assert_eq!(page.status(), 200);
+
+    // The live ledger: each event arrives when it is appended, not when a buffer fills.
+    let mut events = http
+        .get(format!("{}/claw/v1/events?tail=0&follow=true", nginx.url))
+        .header("cookie", &cookie)
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .expect("the event stream through nginx");
+    assert_eq!(events.status(), 200);
+    for n in 0..2 {
+        let answer = gw
+            .http
+            .post(format!("{}/v1/chat/completions", gw.url))
+            .bearer_auth(&key)
+            .json(&chat(false))
+            .send()
+            .await
+            .expect("a completion");
+        let request_id = answer.headers()["x-request-id"]
+            .to_str()
+            .expect("ASCII")
+            .to_owned();
+        let mut seen = String::new();
+        while !seen.contains(&request_id) {
+            let chunk = tokio::time::timeout(Duration::from_secs(10), events.chunk())
+                .await
+                .unwrap_or_else(|_| panic!("event {n} did not arrive through nginx: {seen}"))
+                .expect("the stream")
+                .expect("open");
+            seen.push_str(std::str::from_utf8(&chunk).expect("UTF-8"));
+        }
+        assert!(seen.contains("RequestServed"), "{seen}");
+    }
 }
