@@ -316,6 +316,9 @@ pub async fn serve(state: Arc<AppState>) -> Result<(), StartError> {
         })?;
     let addr = listener.local_addr().unwrap_or(addr);
     tracing::info!(%addr, mode = state.mode, ledger = state.appender.backend(), source = %state.source, data_dir = %state.settings.data_dir.display(), "ɳClaw gateway listening");
+    tracing::info!(
+        "web console at http://{addr}/claw/ (sign in with PLUGIN_INTERNAL_SECRET, or the internal.secret file in the data dir)"
+    );
     let (stopping_tx, mut stopping) = tokio::sync::watch::channel(false);
     let signal = async move {
         shutdown_signal().await;
