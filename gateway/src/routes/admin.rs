@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
 use claw_ledger::{
-    format_time, Envelope, Event, Frontier, KeyCreated, KeyRevoked, ReaderFeed, Recorded,
+    format_time, Envelope, Event, Frontier, KeyCreated, KeyRevoked, Position, ReaderFeed, Recorded,
 };
 use claw_projector::audit::AuditReport;
 use claw_projector::{
@@ -444,13 +444,17 @@ const SSE_KEEP_ALIVE: Duration = Duration::from_secs(15);
 #[utoipa::path(get, path = "/claw/v1/events", tag = "ledger",
     params(EventsQuery),
     responses(
-        (status = 200, description = "Ledger records `{partition, offset, event}`: NDJSON, or server-sent events for `Accept: text/event-stream`", content_type = "application/x-ndjson", body = String),
+        (status = 200, description = "Ledger records `{partition, offset, event}`: NDJSON, or server-sent events for `Accept: text/event-stream` (each id the frontier past the event; send it back as `Last-Event-ID` to resume)", content_type = "application/x-ndjson", body = String),
         (status = 401, description = "No admin credential or console session", body = ErrorResponse),
     ))]
 /// The ledger from `from` (or its last `tail` events), one record
 /// (`{"partition","offset","event"}`) at a time: NDJSON, or server-sent events when the
 /// client asks for `text/event-stream` (as a browser's `EventSource` does). With `follow`, the
 /// response stays open and carries new events as they are appended.
+///
+/// A server-sent event's id is the frontier just past it (`{"partition": next offset, …}`),
+/// so a client that reconnects with `Last-Event-ID` (as `EventSource` does by itself) resumes
+/// exactly where it left off, on every partition, without repeats or gaps.
 pub async fn events(
     _: Admin,
     State(state): State<Arc<AppState>>,
@@ -460,7 +464,10 @@ pub async fn events(
     if let Err(err) = state.outbox.flush(PROJECTION_WAIT).await {
         tracing::warn!(error = %err, "the events may miss the latest requests");
     }
-    let records = ledger_records(&state, query);
+    let resume = headers
+        .get("last-event-id")
+        .and_then(|v| serde_json::from_slice::<Frontier>(v.as_bytes()).ok());
+    let records = ledger_records(&state, query, resume);
     let wants_sse = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
@@ -468,8 +475,8 @@ pub async fn events(
     if wants_sse {
         let events = records.map(|record| {
             Ok::<_, std::convert::Infallible>(match record {
-                Ok(rec) => SseEvent::default()
-                    .id(format!("{}:{}", rec.partition, rec.offset))
+                Ok((rec, past)) => SseEvent::default()
+                    .id(serde_json::to_string(&past).unwrap_or_default())
                     .json_data(&rec)
                     .unwrap_or_else(|e| SseEvent::default().event("error").data(e.to_string())),
                 Err(err) => SseEvent::default().event("error").data(err.to_string()),
@@ -480,7 +487,7 @@ pub async fn events(
             .into_response();
     }
     let lines = records.map(|record| {
-        record.map(|rec| {
+        record.map(|(rec, _)| {
             let mut line = serde_json::to_vec(&rec).unwrap_or_default();
             line.push(b'\n');
             Bytes::from(line)
@@ -493,12 +500,14 @@ pub async fn events(
         .into_response()
 }
 
-/// The ledger's records for `query`, read by a task into a bounded channel; the stream ends
-/// when the reading does (or the client goes).
+/// The ledger's records for `query` (or from the frontier `resume`), each with the frontier
+/// just past it, read by a task into a bounded channel; the stream ends when the reading does
+/// (or the client goes).
 fn ledger_records(
     state: &AppState,
     query: EventsQuery,
-) -> impl futures::Stream<Item = Result<Recorded, std::io::Error>> {
+    resume: Option<Frontier>,
+) -> impl futures::Stream<Item = Result<(Recorded, Frontier), std::io::Error>> {
     let reader = state.reader.clone();
     let mut appended = state.appender.appended();
     let (tx, rx) = tokio::sync::mpsc::channel(64);
@@ -514,12 +523,15 @@ fn ledger_records(
         let from: Frontier = ends
             .iter()
             .map(|(p, end)| {
-                let first = query
-                    .tail
-                    .map_or(query.from, |tail| end.saturating_sub(tail));
+                let first = match (&resume, query.tail) {
+                    (Some(resume), _) => resume.next(p),
+                    (None, Some(tail)) => end.saturating_sub(tail),
+                    (None, None) => query.from,
+                };
                 (p, first)
             })
             .collect();
+        let mut past = from.clone();
         let mut feed = ReaderFeed::new(reader, from);
         loop {
             let page = match feed.read_ready(EVENTS_PAGE).await {
@@ -531,7 +543,8 @@ fn ledger_records(
             };
             let full = page.len() == EVENTS_PAGE;
             for rec in page {
-                if tx.send(Ok(rec)).await.is_err() {
+                past.pass(Position::new(rec.partition, rec.offset));
+                if tx.send(Ok((rec, past.clone()))).await.is_err() {
                     return;
                 }
             }

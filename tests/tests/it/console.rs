@@ -507,16 +507,21 @@ async fn the_ledger_streams_to_the_console_as_server_sent_events() {
             .expect("the stream stays open")
             .expect("a well-formed event");
         let record: Value = serde_json::from_str(&event.data).unwrap();
+        // The id is the frontier just past the event.
+        let past: Value = serde_json::from_str(&event.id).unwrap();
+        let next_offset = record["offset"].as_u64().unwrap() + 1;
         assert_eq!(
-            event.id,
-            format!("{}:{}", record["partition"], record["offset"])
+            past[record["partition"].to_string()],
+            next_offset,
+            "{}",
+            event.id
         );
-        record
+        (record, event.id)
     };
     // `tail=1`: the last event of each partition so far. Embedded, that is the second key's
     // creation; distributed, the two keys may sit in two partitions, each showing its own.
     loop {
-        let tail = next().await;
+        let (tail, _) = next().await;
         assert_eq!(tail["event"]["event_type"], "KeyCreated");
         if tail["event"]["data"]["name"] == "second" {
             break;
@@ -535,16 +540,42 @@ async fn the_ledger_streams_to_the_console_as_server_sent_events() {
         .to_str()
         .unwrap()
         .to_owned();
-    let served = loop {
-        let record = next().await;
+    let (served, after_served) = loop {
+        let (record, id) = next().await;
         if record["event"]["event_type"] != "KeyCreated" {
-            break record;
+            break (record, id);
         }
         // The first key's partition may come after the second's.
         assert_eq!(record["event"]["key_id"], first.as_str());
     };
     assert_eq!(served["event"]["event_type"], "RequestServed");
     assert_eq!(served["event"]["data"]["request_id"], request_id);
+
+    // A client that reconnects with the last id it saw resumes just after it: the next event
+    // is the one appended since, not a repeat.
+    drop(events);
+    let again = gw
+        .chat(
+            &key,
+            &json!({"model": "local", "messages": [{"role": "user", "content": "again"}]}),
+        )
+        .await;
+    let again_id = again.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let resumed = gw
+        .admin(Method::GET, "/claw/v1/events?follow=true")
+        .header("accept", "text/event-stream")
+        .header("last-event-id", &after_served)
+        .send()
+        .await
+        .unwrap();
+    let mut events = resumed.bytes_stream().eventsource();
+    let first = tokio::time::timeout(Duration::from_secs(20), events.next())
+        .await
+        .expect("an event within 20 s")
+        .expect("the stream stays open")
+        .expect("a well-formed event");
+    let record: Value = serde_json::from_str(&first.data).unwrap();
+    assert_eq!(record["event"]["data"]["request_id"], again_id.as_str());
 }
 
 #[tokio::test]
