@@ -199,6 +199,13 @@ pub struct ServeArgs {
     )]
     pub image_fetch_allow_private: bool,
 
+    /// The header in which a reverse proxy in front of the gateway passes the client's address
+    /// (the shipped nginx site sets `x-real-ip`). Failed console sign-ins are limited per
+    /// address: without it, every client of the proxy shares one limit. Set it only behind a
+    /// proxy that overwrites the header, or clients could pick their own address.
+    #[arg(long, env = "CLAW_CLIENT_IP_HEADER")]
+    pub client_ip_header: Option<String>,
+
     /// Upstream connect timeout, in milliseconds.
     #[arg(long, env = "CLAW_CONNECT_TIMEOUT_MS", default_value_t = 2_000)]
     pub connect_timeout_ms: u64,
@@ -248,6 +255,7 @@ impl ServeArgs {
             max_body_bytes: self.max_body_bytes,
             image_max_bytes: self.image_max_bytes,
             image_fetch_allow_private: self.image_fetch_allow_private,
+            client_ip_header: self.client_ip_header.filter(|h| !h.trim().is_empty()),
             connect_timeout_ms: self.connect_timeout_ms,
             first_byte_timeout_ms: self.first_byte_timeout_ms,
             total_timeout_ms: self.total_timeout_ms,

@@ -111,6 +111,10 @@ pub struct Settings {
     /// Let the gateway fetch images from private, loopback and link-local addresses.
     pub image_fetch_allow_private: bool,
 
+    /// The header a trusted reverse proxy puts the client's address in (e.g. `x-real-ip`), for
+    /// the console's limit on failed sign-ins; unset, the peer's address counts.
+    pub client_ip_header: Option<String>,
+
     /// Upstream connect timeout, in milliseconds.
     pub connect_timeout_ms: u64,
 

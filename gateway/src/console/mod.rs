@@ -128,20 +128,30 @@ impl FromRequestParts<Arc<AppState>> for SignedIn {
     }
 }
 
-/// The address a request came from (unspecified when served without connection info, as in
+/// The address a request came from: the one a trusted proxy put in `CLAW_CLIENT_IP_HEADER`
+/// when that is set, else the peer's (unspecified when served without connection info, as in
 /// tests that call the router directly).
 struct Peer(IpAddr);
 
-impl<S: Send + Sync> FromRequestParts<S> for Peer {
+impl FromRequestParts<Arc<AppState>> for Peer {
     type Rejection = std::convert::Infallible;
 
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        Ok(Self(
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        let forwarded = state.settings.client_ip_header.as_deref().and_then(|name| {
+            // The last address of a list is the one the nearest proxy added.
+            let value = parts.headers.get(name)?.to_str().ok()?;
+            value.rsplit(',').next()?.trim().parse().ok()
+        });
+        let peer = || {
             parts
                 .extensions
                 .get::<ConnectInfo<SocketAddr>>()
-                .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip()),
-        ))
+                .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip())
+        };
+        Ok(Self(forwarded.unwrap_or_else(peer)))
     }
 }
 

@@ -426,6 +426,30 @@ async fn failed_sign_ins_are_rate_limited() {
 }
 
 #[tokio::test]
+async fn behind_a_proxy_failed_sign_ins_are_limited_per_client() {
+    let gw = TestGateway::start_with(&["--client-ip-header", "x-real-ip"]).await;
+    let browser = Browser::new(&gw);
+    let attempt = |client: &'static str, secret: String| {
+        browser
+            .request(Method::POST, "/claw/sign-in", None)
+            .header("x-real-ip", client)
+            .form(&[("secret", secret)])
+            .send()
+    };
+    for n in 0..6 {
+        let response = attempt("203.0.113.7", format!("guess-{n}")).await.unwrap();
+        let expected = if n < 5 { 401 } else { 429 };
+        assert_eq!(response.status(), expected, "attempt {n}");
+    }
+    // The admin, behind the same proxy but from another address, still signs in.
+    let admin = attempt("198.51.100.2", gw.admin_token.clone())
+        .await
+        .unwrap();
+    assert_eq!(admin.status(), StatusCode::SEE_OTHER);
+    assert!(session_cookie(admin.headers()).is_some());
+}
+
+#[tokio::test]
 async fn a_keys_page_reads_the_key_and_its_recent_requests() {
     let gw = TestGateway::start().await;
     let (id, key) = gw.create_key("console", 600, false).await;
