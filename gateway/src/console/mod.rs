@@ -12,7 +12,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, LazyLock};
 
 use askama::Template;
-use axum::extract::{ConnectInfo, FromRequestParts, Path, State};
+use axum::extract::{ConnectInfo, FromRequestParts, Path, RawQuery, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
@@ -174,17 +174,16 @@ struct SignInPage<'a> {
     error: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
-struct SignInQuery {
-    next: Option<String>,
-}
-
 async fn sign_in_page(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    axum::extract::Query(query): axum::extract::Query<SignInQuery>,
+    RawQuery(query): RawQuery,
 ) -> Response {
-    let next = safe_next(query.next.as_deref());
+    // The first `next`, leniently: a form page answers whatever its query string holds.
+    let next = query.as_deref().and_then(|q| {
+        form_urlencoded::parse(q.as_bytes()).find_map(|(k, v)| (k == "next").then_some(v))
+    });
+    let next = safe_next(next.as_deref());
     if session_of(&headers, &state.sessions, &state.store)
         .await
         .is_some()

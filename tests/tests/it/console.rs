@@ -142,6 +142,22 @@ async fn pages_need_a_session_and_signing_in_sets_a_strict_expiring_cookie() {
     let (home, _) = browser.page("/claw/", &cookie).await;
     assert!(home.contains("data-page=\"usage\""));
 
+    // A malformed query string does not break the form (the first `next` counts).
+    let lenient = browser
+        .request(
+            Method::GET,
+            "/claw/sign-in?next=/claw/keys&next=/claw/ledger&junk",
+            None,
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(lenient.status(), 200);
+    assert!(lenient
+        .text()
+        .await
+        .unwrap()
+        .contains("value=\"/claw/keys\""));
     let form = browser
         .request(Method::GET, "/claw/sign-in", None)
         .send()
