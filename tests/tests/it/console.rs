@@ -254,6 +254,19 @@ async fn pages_are_light_self_contained_and_escape_what_they_show() {
         weight < 100 * 1024,
         "a page with its assets weighs {weight} bytes"
     );
+    // Asked for gzip (browsers do), the assets come compressed.
+    let gzipped = browser
+        .request(Method::GET, "/claw/assets/console.js", None)
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gzipped.headers()["content-encoding"], "gzip");
+    let compressed = gzipped.bytes().await.unwrap().len();
+    assert!(
+        compressed < weight / 3,
+        "console.js gzipped is {compressed} bytes"
+    );
 
     // What a URL puts in a page is escaped.
     let (html, _) = browser
