@@ -95,12 +95,12 @@ impl Circuit {
         };
     }
 
-    /// `up`, `down`, or `probing`, for status reports.
     /// Whether the provider is known down (open, not yet due for its probe or past it).
     pub fn is_open(&self) -> bool {
         matches!(*self.lock(), State::Open { .. })
     }
 
+    /// `up`, `down`, or `probing`, for status reports.
     pub fn describe(&self) -> &'static str {
         match *self.lock() {
             State::Closed { .. } => "up",

@@ -24,6 +24,14 @@ pub struct Price {
     pub output: Decimal,
 }
 
+impl Price {
+    /// What `prompt` input and `completion` output tokens cost, in USD.
+    pub fn of(self, prompt: u64, completion: u64) -> Decimal {
+        (Decimal::from(prompt) * self.input + Decimal::from(completion) * self.output)
+            / Decimal::from(1_000_000)
+    }
+}
+
 /// Prices by model id prefix.
 #[derive(Debug, Clone, Default)]
 pub struct PriceTable {
@@ -92,31 +100,23 @@ impl PriceTable {
             tracing::warn!(model, "no price for this paid model; its cost is recorded as 0 (add it to CLAW_PRICES_FILE)");
             return Decimal::ZERO;
         };
-        let million = Decimal::from(1_000_000);
-        (Decimal::from(tokens.prompt_tokens) * price.input
-            + Decimal::from(tokens.completion_tokens) * price.output)
-            / million
+        price.of(tokens.prompt_tokens, tokens.completion_tokens)
     }
-}
 
-impl PriceTable {
     /// Fills in the usage document's `saved_usd`: what its local and free-tier tokens would
     /// have cost at `paid_model`'s price, per key and in total: the money the tiers saved.
     pub fn fill_saved(&self, doc: &mut UsageDocument, paid_model: &str) {
         let Some(price) = self.price(paid_model) else {
             return;
         };
-        let million = Decimal::from(1_000_000);
         let mut per_key: HashMap<&str, Decimal> = HashMap::new();
         for row in doc
             .usage
             .iter()
             .filter(|r| r.tier_source != Tier::ApiKey.as_str())
         {
-            let would_cost = (Decimal::from(row.prompt_tokens) * price.input
-                + Decimal::from(row.completion_tokens) * price.output)
-                / million;
-            *per_key.entry(&row.key_id).or_default() += would_cost;
+            *per_key.entry(&row.key_id).or_default() +=
+                price.of(row.prompt_tokens, row.completion_tokens);
         }
         let usd = |d: Decimal| d.round_dp(9).to_f64().unwrap_or(0.0);
         let mut total = Decimal::ZERO;

@@ -30,8 +30,9 @@ impl std::fmt::Display for Position {
 
 /// How far, per partition: the next offset (a partition not named is at 0). Serialized as a
 /// JSON object from partition to next offset, e.g. `{"0": 42, "3": 7}`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(transparent)]
+#[schema(value_type = BTreeMap<String, u64>)]
 pub struct Frontier(BTreeMap<i32, u64>);
 
 impl Frontier {

@@ -47,7 +47,6 @@ pub struct AuditReport {
     /// Ledger events replayed (offsets below `until`, summed over partitions).
     pub events: u64,
     /// The frontier replayed up to: where the live projection was when the audit began.
-    #[schema(value_type = BTreeMap<String, u64>)]
     pub until: Frontier,
     pub keys: Vec<AuditKey>,
     /// How many keys differ.

@@ -222,20 +222,12 @@ async fn sign_in(
     match state.sessions.sign_in(peer, &form.secret) {
         Ok(session) => {
             tracing::info!(%peer, "console sign-in");
-            let cookie = Cookie::build((session::COOKIE, state.sessions.cookie_value(&session)))
-                .http_only(true)
-                .same_site(SameSite::Strict)
-                .path("/claw")
-                .max_age(cookie::time::Duration::seconds(
-                    i64::try_from(session::LIFETIME.as_secs()).unwrap_or(i64::MAX),
-                ))
-                .secure(is_https(&headers))
-                .build();
-            (
-                [(header::SET_COOKIE, cookie.to_string())],
-                Redirect::to(next),
-            )
-                .into_response()
+            let cookie = session_cookie(
+                state.sessions.cookie_value(&session),
+                session::LIFETIME,
+                is_https(&headers),
+            );
+            ([(header::SET_COOKIE, cookie)], Redirect::to(next)).into_response()
         }
         Err(SignInRefusal::Wrong) => {
             tracing::warn!(%peer, "console sign-in refused: not the admin credential");
@@ -258,6 +250,21 @@ async fn sign_in(
             response
         }
     }
+}
+
+/// The `Set-Cookie` value for the session cookie: HttpOnly, SameSite=Strict, for the console's
+/// paths only, lasting `max_age` (zero clears it).
+fn session_cookie(value: String, max_age: std::time::Duration, secure: bool) -> String {
+    Cookie::build((session::COOKIE, value))
+        .http_only(true)
+        .same_site(SameSite::Strict)
+        .path("/claw")
+        .max_age(cookie::time::Duration::seconds(
+            i64::try_from(max_age.as_secs()).unwrap_or(i64::MAX),
+        ))
+        .secure(secure)
+        .build()
+        .to_string()
 }
 
 /// Whether the browser reached us over HTTPS (directly, or through a proxy that says so):
@@ -298,14 +305,9 @@ async fn sign_out(
         tracing::error!(error = %err, "could not record a console sign-out for the other gateways");
     }
     tracing::info!("console sign-out");
-    let cleared = Cookie::build((session::COOKIE, ""))
-        .http_only(true)
-        .same_site(SameSite::Strict)
-        .path("/claw")
-        .max_age(cookie::time::Duration::ZERO)
-        .build();
+    let cleared = session_cookie(String::new(), std::time::Duration::ZERO, is_https(&headers));
     (
-        [(header::SET_COOKIE, cleared.to_string())],
+        [(header::SET_COOKIE, cleared)],
         Redirect::to("/claw/sign-in"),
     )
         .into_response()

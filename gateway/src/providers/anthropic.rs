@@ -752,7 +752,7 @@ impl ChatProvider for Anthropic {
 mod tests {
     use super::*;
     use crate::config::Settings;
-    use crate::providers::test_support::{self, chat_request, msg};
+    use crate::providers::test_support::{self, arb_role, chat_request, msg};
     use crate::providers::{ChatParams, Image, Role};
     use proptest::prelude::*;
 
@@ -1386,19 +1386,10 @@ mod tests {
         out
     }
 
-    fn any_role() -> impl Strategy<Value = Role> {
-        prop_oneof![
-            Just(Role::System),
-            Just(Role::User),
-            Just(Role::Assistant),
-            Just(Role::Tool)
-        ]
-    }
-
     proptest! {
         #[test]
         fn translation_loses_no_text_and_no_role(
-            raw in prop::collection::vec((any_role(), "[a-z \n]{0,8}"), 0..12)
+            raw in prop::collection::vec((arb_role(), "[a-z \n]{0,8}"), 0..12)
         ) {
             let messages: Vec<Message> =
                 raw.iter().map(|(role, text)| msg(*role, text)).collect();

@@ -52,7 +52,7 @@ pub struct ChatBody<'a> {
     format: Option<Value>,
 }
 
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, PartialEq, Serialize)]
 struct Options<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     temperature: Option<f64>,
@@ -71,14 +71,9 @@ struct Options<'a> {
 }
 
 impl Options<'_> {
+    /// Nothing set: the field is left out of the body.
     fn is_empty(&self) -> bool {
-        self.temperature.is_none()
-            && self.top_p.is_none()
-            && self.num_predict.is_none()
-            && self.seed.is_none()
-            && self.presence_penalty.is_none()
-            && self.frequency_penalty.is_none()
-            && self.stop.is_empty()
+        *self == Self::default()
     }
 }
 

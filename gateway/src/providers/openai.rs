@@ -545,7 +545,7 @@ fn parse_embeddings(body: Value) -> Result<Embeddings, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::providers::test_support::{arb_tool_conversation, assemble, fragments};
+    use crate::providers::test_support::{arb_role, arb_tool_conversation, assemble, fragments};
     use crate::providers::Image;
     use crate::providers::ToolCall;
     use crate::providers::{ChatParams, Role};
@@ -811,18 +811,9 @@ mod tests {
         assert_eq!(custom.url("/models"), "http://127.0.0.1:9/v1/models");
     }
 
-    fn any_role() -> impl Strategy<Value = Role> {
-        prop_oneof![
-            Just(Role::System),
-            Just(Role::User),
-            Just(Role::Assistant),
-            Just(Role::Tool)
-        ]
-    }
-
     fn any_message() -> impl Strategy<Value = Message> {
         (
-            any_role(),
+            arb_role(),
             any::<String>(),
             prop::collection::vec("[A-Za-z0-9+/]{0,12}={0,2}", 0..3),
         )

@@ -35,6 +35,17 @@ pub fn http(name: &'static str) -> Upstream {
         .clone()
 }
 
+/// Any role.
+pub fn arb_role() -> impl proptest::strategy::Strategy<Value = Role> {
+    use proptest::prelude::*;
+    prop_oneof![
+        Just(Role::System),
+        Just(Role::User),
+        Just(Role::Assistant),
+        Just(Role::Tool)
+    ]
+}
+
 /// Arbitrary function-call arguments: a JSON object of a few scalar fields.
 pub fn arb_arguments() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
     use proptest::prelude::*;

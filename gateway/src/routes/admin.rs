@@ -613,7 +613,6 @@ pub struct LedgerStatus {
     #[schema(value_type = Object)]
     pub ends: Value,
     /// How far this gateway's own appends reached.
-    #[schema(value_type = BTreeMap<String, u64>)]
     pub appended_here: Frontier,
 }
 
@@ -630,7 +629,6 @@ pub struct ProjectionStatus {
     /// `running`, `stalled` or `stopped`.
     #[schema(value_type = String)]
     pub state: &'static str,
-    #[schema(value_type = BTreeMap<String, u64>)]
     pub applied: Frontier,
     /// Events in the ledger not yet folded (every gateway's).
     pub lag_events: u64,

@@ -83,7 +83,7 @@ enum PartData {
     },
 }
 
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 struct GenerationConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -107,15 +107,9 @@ struct GenerationConfig {
 }
 
 impl GenerationConfig {
+    /// Nothing set: the field is left out of the body.
     fn is_empty(&self) -> bool {
-        self.temperature.is_none()
-            && self.top_p.is_none()
-            && self.max_output_tokens.is_none()
-            && self.stop_sequences.is_empty()
-            && self.seed.is_none()
-            && self.presence_penalty.is_none()
-            && self.frequency_penalty.is_none()
-            && self.response_mime_type.is_none()
+        *self == Self::default()
     }
 }
 
@@ -275,7 +269,7 @@ fn contents(messages: &[Message]) -> Vec<Content> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::providers::test_support::{chat_request, msg};
+    use crate::providers::test_support::{arb_role, chat_request, msg};
     use crate::providers::{ChatParams, Image, Role};
     use proptest::prelude::*;
     use serde_json::json;
@@ -370,15 +364,6 @@ mod tests {
                 "stopSequences": ["END"], "seed": 7, "presencePenalty": 0.5,
                 "frequencyPenalty": -0.5, "responseMimeType": "application/json"})
         );
-    }
-
-    fn arb_role() -> impl Strategy<Value = Role> {
-        prop_oneof![
-            Just(Role::System),
-            Just(Role::User),
-            Just(Role::Assistant),
-            Just(Role::Tool)
-        ]
     }
 
     fn arb_message() -> impl Strategy<Value = Message> {
