@@ -18,7 +18,9 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import pytest
@@ -295,6 +297,37 @@ def screenshot(page, name: str) -> Path:
     path = SCREENSHOTS / f"{name}.png"
     page.screenshot(path=str(path), full_page=True)
     return path
+
+
+def services() -> tuple[str, str]:
+    """CLAW_KAFKA_BROKERS and CLAW_DATABASE_URL, or fail (never skip) saying how to get them."""
+    missing = [v for v in ("CLAW_KAFKA_BROKERS", "CLAW_DATABASE_URL") if not os.environ.get(v)]
+    if missing:
+        pytest.fail(
+            f"{' and '.join(missing)} not set: distributed mode needs the real Kafka and "
+            "PostgreSQL; start them with `scripts/services.sh up` and "
+            "`eval \"$(scripts/services.sh env)\"`",
+            pytrace=False,
+        )
+    return os.environ["CLAW_KAFKA_BROKERS"], os.environ["CLAW_DATABASE_URL"]
+
+
+def distributed_env() -> dict[str, str]:
+    """Distributed mode's settings on a fresh topic `claw.test.<hex>` and a fresh database
+    `claw_test_<hex>` (made with psql on the server of CLAW_DATABASE_URL)."""
+    brokers, admin_url = services()
+    hex_id = uuid.uuid4().hex
+    name = f"claw_test_{hex_id}"
+    out = subprocess.run(
+        ["psql", admin_url, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-c", f"CREATE DATABASE {name}"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert out.returncode == 0, f"psql: CREATE DATABASE {name}: {out.stderr}"
+    return {
+        "CLAW_KAFKA_BROKERS": brokers,
+        "CLAW_KAFKA_TOPIC": f"claw.test.{hex_id}",
+        "CLAW_DATABASE_URL": urlunsplit(urlsplit(admin_url)._replace(path=f"/{name}")),
+    }
 
 
 def poll(check, what: str, timeout_s: float = 15.0):

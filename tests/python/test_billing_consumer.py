@@ -23,15 +23,12 @@ Leaves its topic and database behind, like the Rust suites: `scripts/services.sh
 
 import hashlib
 import json
-import os
 import re
-import subprocess
 import time
 import uuid
 from collections import Counter, defaultdict
 from datetime import datetime
 from types import SimpleNamespace
-from urllib.parse import urlsplit, urlunsplit
 
 import openai
 import pytest
@@ -39,7 +36,7 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 from jsonschema import Draft202012Validator, FormatChecker
 from referencing import Registry, Resource
 
-from conftest import REPO, Gateway, Stack, poll, require_binaries
+from conftest import REPO, Gateway, Stack, distributed_env, poll, require_binaries, services
 
 REPLY = "Hello from the fake Ollama, via the billing test."
 HELLO = [{"role": "user", "content": "Hello"}]
@@ -57,39 +54,11 @@ CE_HEADERS = ("event_type", "schema_version", "ce_specversion", "ce_id", "ce_sou
 # the services and the stack
 
 
-def services() -> tuple[str, str]:
-    """CLAW_KAFKA_BROKERS and CLAW_DATABASE_URL, or fail (never skip) saying how to get them."""
-    missing = [v for v in ("CLAW_KAFKA_BROKERS", "CLAW_DATABASE_URL") if not os.environ.get(v)]
-    if missing:
-        pytest.fail(
-            f"{' and '.join(missing)} not set: this test needs the real Kafka and PostgreSQL; "
-            "start them with `scripts/services.sh up` and `eval \"$(scripts/services.sh env)\"`",
-            pytrace=False,
-        )
-    return os.environ["CLAW_KAFKA_BROKERS"], os.environ["CLAW_DATABASE_URL"]
-
-
-def fresh_database(admin_url: str, name: str) -> str:
-    """Creates database `name` with psql on `admin_url`'s server; returns its URL."""
-    out = subprocess.run(
-        ["psql", admin_url, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-c", f"CREATE DATABASE {name}"],
-        capture_output=True, text=True, timeout=30, check=False,
-    )
-    assert out.returncode == 0, f"psql: CREATE DATABASE {name}: {out.stderr}"
-    parts = urlsplit(admin_url)
-    return urlunsplit(parts._replace(path=f"/{name}"))
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    brokers, admin_url = services()
+    distributed = distributed_env()
+    brokers = distributed["CLAW_KAFKA_BROKERS"]
     require_binaries()
-    hex_id = uuid.uuid4().hex
-    distributed = {
-        "CLAW_KAFKA_BROKERS": brokers,
-        "CLAW_KAFKA_TOPIC": f"claw.test.{hex_id}",
-        "CLAW_DATABASE_URL": fresh_database(admin_url, f"claw_test_{hex_id}"),
-    }
     procs = Stack(tmp_path_factory.mktemp("billing"))
     try:
         ollama = procs.fake("ollama", "--reply", REPLY)

@@ -29,20 +29,18 @@ without them:
 """
 
 import json
-import os
 import re
-import subprocess
 import tomllib
-import uuid
 from datetime import datetime, timezone
 from types import SimpleNamespace
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote
 
 import openai
 import pytest
 from playwright.sync_api import expect
 
-from conftest import REPO, SECRET, Gateway, Stack, poll, require_binaries, screenshot, upstream_env
+from conftest import (REPO, SECRET, Gateway, Stack, distributed_env, poll, require_binaries,
+                      screenshot, upstream_env)
 
 LOCAL_REPLY = "Hello from the fake Ollama, via the console test."
 PAID_REPLY = "Hello from the fake OpenAI, via the console test."
@@ -57,36 +55,6 @@ expect.set_options(timeout=TIMEOUT_MS)
 
 # ---------------------------------------------------------------------------------------------
 # the stack, one per mode
-
-
-def services() -> tuple[str, str]:
-    """CLAW_KAFKA_BROKERS and CLAW_DATABASE_URL, or fail (never skip) saying how to get them."""
-    missing = [v for v in ("CLAW_KAFKA_BROKERS", "CLAW_DATABASE_URL") if not os.environ.get(v)]
-    if missing:
-        pytest.fail(
-            f"{' and '.join(missing)} not set: distributed mode needs the real Kafka and "
-            "PostgreSQL; start them with `scripts/services.sh up` and "
-            "`eval \"$(scripts/services.sh env)\"`",
-            pytrace=False,
-        )
-    return os.environ["CLAW_KAFKA_BROKERS"], os.environ["CLAW_DATABASE_URL"]
-
-
-def distributed_env() -> dict[str, str]:
-    """A fresh topic `claw.test.<hex>` and a fresh database `claw_test_<hex>`."""
-    brokers, admin_url = services()
-    hex_id = uuid.uuid4().hex
-    name = f"claw_test_{hex_id}"
-    out = subprocess.run(
-        ["psql", admin_url, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-c", f"CREATE DATABASE {name}"],
-        capture_output=True, text=True, timeout=30, check=False,
-    )
-    assert out.returncode == 0, f"psql: CREATE DATABASE {name}: {out.stderr}"
-    return {
-        "CLAW_KAFKA_BROKERS": brokers,
-        "CLAW_KAFKA_TOPIC": f"claw.test.{hex_id}",
-        "CLAW_DATABASE_URL": urlunsplit(urlsplit(admin_url)._replace(path=f"/{name}")),
-    }
 
 
 @pytest.fixture(scope="module", params=["embedded", "distributed"])
