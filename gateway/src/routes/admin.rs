@@ -446,6 +446,7 @@ const SSE_KEEP_ALIVE: Duration = Duration::from_secs(15);
     responses(
         (status = 200, description = "Ledger records `{partition, offset, event}`: NDJSON, or server-sent events for `Accept: text/event-stream` (each id the frontier past the event; send it back as `Last-Event-ID` to resume)", content_type = "application/x-ndjson", body = String),
         (status = 401, description = "No admin credential or console session", body = ErrorResponse),
+        (status = 503, description = "The ledger is unavailable", body = ErrorResponse),
     ))]
 /// The ledger from `from` (or its last `tail` events), one record
 /// (`{"partition","offset","event"}`) at a time: NDJSON, or server-sent events when the
@@ -460,14 +461,28 @@ pub async fn events(
     State(state): State<Arc<AppState>>,
     ApiQuery(query): ApiQuery<EventsQuery>,
     headers: HeaderMap,
-) -> Response {
+) -> Result<Response, ApiError> {
     if let Err(err) = state.outbox.flush(PROJECTION_WAIT).await {
         tracing::warn!(error = %err, "the events may miss the latest requests");
     }
+    // Where every partition starts is fixed before the response goes out, so an event
+    // appended once the client has the response (`tail=0`: "from now on") is never missed.
+    let ends = state.reader.ends().await.map_err(store_error)?;
     let resume = headers
         .get("last-event-id")
         .and_then(|v| serde_json::from_slice::<Frontier>(v.as_bytes()).ok());
-    let records = ledger_records(&state, query, resume);
+    let from: Frontier = ends
+        .iter()
+        .map(|(p, end)| {
+            let first = match (&resume, query.tail) {
+                (Some(resume), _) => resume.next(p),
+                (None, Some(tail)) => end.saturating_sub(tail),
+                (None, None) => query.from,
+            };
+            (p, first)
+        })
+        .collect();
+    let records = ledger_records(&state, from, query.follow);
     let wants_sse = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
@@ -482,9 +497,9 @@ pub async fn events(
                 Err(err) => SseEvent::default().event("error").data(err.to_string()),
             })
         });
-        return Sse::new(events)
+        return Ok(Sse::new(events)
             .keep_alive(KeepAlive::new().interval(SSE_KEEP_ALIVE))
-            .into_response();
+            .into_response());
     }
     let lines = records.map(|record| {
         record.map(|(rec, _)| {
@@ -493,44 +508,26 @@ pub async fn events(
             Bytes::from(line)
         })
     });
-    (
+    Ok((
         [(header::CONTENT_TYPE, "application/x-ndjson")],
         Body::from_stream(lines),
     )
-        .into_response()
+        .into_response())
 }
 
-/// The ledger's records for `query` (or from the frontier `resume`), each with the frontier
-/// just past it, read by a task into a bounded channel; the stream ends when the reading does
-/// (or the client goes).
+/// The ledger's records from `from`, each with the frontier just past it, read by a task into
+/// a bounded channel. Without `follow` the stream ends at the ledger's end; with it, when the
+/// client goes.
 fn ledger_records(
     state: &AppState,
-    query: EventsQuery,
-    resume: Option<Frontier>,
+    from: Frontier,
+    follow: bool,
 ) -> impl futures::Stream<Item = Result<(Recorded, Frontier), std::io::Error>> {
     let reader = state.reader.clone();
     let mut appended = state.appender.appended();
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
         let failed = |err: claw_ledger::LedgerError| Err(std::io::Error::other(err.to_string()));
-        let ends = match reader.ends().await {
-            Ok(ends) => ends,
-            Err(err) => {
-                let _ = tx.send(failed(err)).await;
-                return;
-            }
-        };
-        let from: Frontier = ends
-            .iter()
-            .map(|(p, end)| {
-                let first = match (&resume, query.tail) {
-                    (Some(resume), _) => resume.next(p),
-                    (None, Some(tail)) => end.saturating_sub(tail),
-                    (None, None) => query.from,
-                };
-                (p, first)
-            })
-            .collect();
         let mut past = from.clone();
         let mut feed = ReaderFeed::new(reader, from);
         loop {
@@ -551,7 +548,7 @@ fn ledger_records(
             if full {
                 continue;
             }
-            if !query.follow {
+            if !follow {
                 return;
             }
             // This gateway's own appends wake the follower at once; others' are seen by polling.
